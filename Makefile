@@ -1,0 +1,47 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# `make install` is idempotent: a second run with an unchanged pyproject.toml is a no-op.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+EXTRAS ?= libero,dev
+STAMP := $(VENV)/.installed-$(shell md5sum pyproject.toml | cut -c1-12)-$(EXTRAS)
+
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+export PYTHONWARNINGS ?= ignore::FutureWarning,ignore::DeprecationWarning
+export TOKENIZERS_PARALLELISM ?= false
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# torch first, pinned, so that nothing pulls a multi-GB CUDA build onto a CPU machine.
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@bash tools/install_system_deps.sh
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+demo: install
+	$(PY) launch/demo.py
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m compileall -q ript_ds launch tools tests
+
+bench: install
+	cd tools/bench && ../../$(PY) sample_latency.py
+
+clean:
+	rm -rf $(VENV) .torch_extensions .pytest_cache .ruff_cache runs

@@ -1,0 +1,157 @@
+"""Environment observations <-> PI0 tensors: tokenizer, image and state normalization, action decoding.
+
+Nothing here is model code (STYLE: config, model and pre/post-processing live apart). The tokenizer is
+PaliGemma's SentencePiece model (or a tokenizer.json) read from a local path; nothing is ever fetched.
+Prompt convention (openpi): BOS + prompt with '_' and newlines turned to spaces + '\\n', right-padded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ript_ds.model.normalization import NormStats
+from ript_ds.model.pi0 import PI0Batch
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+class PromptTokenizer:
+    """PaliGemma-style prompt tokenizer over a SentencePiece model or a tokenizers JSON file."""
+
+    def __init__(self, path: str | Path, max_length: int = 48):
+        path = Path(path)
+        if path.is_dir():
+            found = [path / f for f in TOKENIZER_FILES if (path / f).exists()]
+            if not found:
+                raise FileNotFoundError(
+                    f"no {' or '.join(TOKENIZER_FILES)} in {path}; point tokenizer_path at one"
+                )
+            path = found[0]
+        if not path.exists():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        self.path, self.max_length = path, max_length
+        if path.suffix == ".model":
+            import sentencepiece
+
+            sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+            self._encode = lambda text: sp.encode(text)
+            self.bos_id, self.vocab_size = sp.bos_id(), sp.get_piece_size()
+        else:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(path))
+            self._encode = lambda text: tok.encode(text, add_special_tokens=False).ids
+            bos = tok.token_to_id("<bos>")
+            if bos is None:
+                raise ValueError(f"{path} has no <bos> token; PI0 prompts start with BOS")
+            self.bos_id, self.vocab_size = bos, tok.get_vocab_size()
+
+    def encode(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        """-> tokens [L] int64, mask [L] bool (L = max_length). Over-long prompts are cut (and said so)."""
+        clean = prompt.strip().replace("_", " ").replace("\n", " ")
+        ids = [self.bos_id, *self._encode(clean), *self._encode("\n")]
+        if len(ids) > self.max_length:
+            raise ValueError(
+                f"prompt {prompt!r} is {len(ids)} tokens, over tokenizer max_length={self.max_length}; raise it"
+            )
+        tokens = np.zeros(self.max_length, dtype=np.int64)
+        tokens[: len(ids)] = ids
+        return tokens, np.arange(self.max_length) < len(ids)
+
+
+def build_tiny_tokenizer(directory: str | Path, texts: Sequence[str], vocab_size: int = 256) -> Path:
+    """Train a small SentencePiece model on `texts` (tests, demo). Deterministic; takes well under 1 s."""
+    import io
+
+    import sentencepiece
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([t.replace("_", " ") for t in texts] * 4),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="word",  # whole words: short prompts from a tiny corpus
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        bos_id=2,
+        eos_id=1,
+        pad_id=0,
+        unk_id=3,
+        user_defined_symbols=["\n"],
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+    )
+    path = directory / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+@dataclass
+class Processor:
+    """Observations -> PI0Batch and PI0 actions -> environment actions."""
+
+    tokenizer: PromptTokenizer
+    norm_stats: NormStats
+    action_dim: int  # real action dims the environment takes (7 for LIBERO)
+    max_state_dim: int = 32
+    max_action_dim: int = 32
+    camera_slots: int | None = None  # pad with masked, zero images up to this many cameras
+
+    def __post_init__(self) -> None:
+        self._prompt_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def tokenize(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+        if prompt not in self._prompt_cache:  # a rollout asks for the same few prompts every step
+            self._prompt_cache[prompt] = self.tokenizer.encode(prompt)
+        return self._prompt_cache[prompt]
+
+    def batch(
+        self,
+        images: np.ndarray,
+        states: np.ndarray,
+        prompts: Sequence[str],
+        actions: np.ndarray | None = None,
+        device: torch.device | str = "cpu",
+    ) -> PI0Batch:
+        """images [B, N, H, W, 3] uint8, states [B, D_s] raw, actions [B, H, D_a] raw -> normalized batch."""
+        b, n = images.shape[:2]
+        pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 1, 4, 2, 3)
+        pixels = pixels.to(torch.float32) / 255.0 * 2.0 - 1.0  # [B, N, 3, H, W] in [-1, 1]
+        masks = torch.ones(b, n, dtype=torch.bool)
+        if self.camera_slots is not None and self.camera_slots > n:
+            extra = self.camera_slots - n
+            pixels = torch.cat([pixels, torch.zeros(b, extra, *pixels.shape[2:])], dim=1)
+            masks = torch.cat([masks, torch.zeros(b, extra, dtype=torch.bool)], dim=1)
+        toks = [self.tokenize(p) for p in prompts]
+        state = _pad(self.norm_stats.normalize(states, "state"), self.max_state_dim)
+        acts = None
+        if actions is not None:
+            acts = torch.from_numpy(_pad(self.norm_stats.normalize(actions, "actions"), self.max_action_dim))
+        return PI0Batch(
+            images=pixels,
+            image_masks=masks,
+            tokens=torch.from_numpy(np.stack([t for t, _ in toks])),
+            token_masks=torch.from_numpy(np.stack([m for _, m in toks])),
+            state=torch.from_numpy(state),
+            actions=acts,
+        ).to(device)
+
+    def decode_actions(self, actions: torch.Tensor) -> np.ndarray:
+        """[B, H, A] normalized, padded -> [B, H, action_dim] in environment units (float32)."""
+        real = actions[..., : self.action_dim].detach().float().cpu().numpy()
+        return self.norm_stats.unnormalize(real, "actions")
+
+
+def _pad(x: np.ndarray, dim: int) -> np.ndarray:
+    if x.shape[-1] > dim:
+        raise ValueError(f"vector of {x.shape[-1]} dims does not fit the model's {dim}")
+    out = np.zeros((*x.shape[:-1], dim), dtype=np.float32)
+    out[..., : x.shape[-1]] = x
+    return out

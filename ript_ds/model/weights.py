@@ -1,0 +1,285 @@
+"""PI0 checkpoint layouts -> our canonical key names, strictly, plus our own canonical save format.
+
+Layouts (detected from the keys, mapped by explicit prefix rules, never by fuzzy renaming):
+- canonical: transformers' PI0ForConditionalGeneration names (`model.vlm.*`, `model.dit.*`,
+  `embed_action_time.*`, `action_out_proj.*`) plus our `cond_embed.weight`; written by `save_canonical`.
+- lerobot >= 0.4: `model.paligemma_with_expert.paligemma.model.language_model.*`, ...
+- lerobot <= 0.3: `model.paligemma_with_expert.paligemma.language_model.model.*`, normalization
+  buffers inside the weights file.
+- openpi PyTorch: the lerobot >= 0.4 names without the leading `model.`; `time_mlp_in/out` or
+  `action_time_mlp_in/out`.
+The references' two `lm_head` weights are unused by PI0 and dropped by name (an automatic renaming would
+map PaliGemma's lm_head onto the input embeddings). Any other key that maps nowhere, and any expected key
+that is absent, is an error naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ript_ds.model.arch import GemmaArch, PI0Arch, VisionArch
+from ript_ds.model.normalization import NormStats, load_norm_stats
+from ript_ds.model.pi0 import PI0Policy
+
+log = logging.getLogger(__name__)
+
+CANONICAL_WEIGHTS = "model.safetensors"
+CANONICAL_ARCH = "pi0_arch.json"
+OURS_ONLY = ("cond_embed.weight",)  # absent from reference checkpoints; zero-initialised
+
+_LEROBOT_NEW = "model.paligemma_with_expert.paligemma.model."
+_LEROBOT_OLD = "model.paligemma_with_expert.paligemma."
+
+# (source prefix, canonical prefix); first match wins, so longer prefixes come first.
+_PROJECTIONS = {
+    "action_in_proj.": "embed_action_time.action_in_proj.",
+    "state_proj.": "embed_action_time.state_proj.",
+    "action_time_mlp_in.": "embed_action_time.action_time_mlp_in.",
+    "action_time_mlp_out.": "embed_action_time.action_time_mlp_out.",
+    "time_mlp_in.": "embed_action_time.action_time_mlp_in.",
+    "time_mlp_out.": "embed_action_time.action_time_mlp_out.",
+    "action_out_proj.": "action_out_proj.",
+}
+
+
+def _rules(root: str, paligemma: str, old_lm: bool) -> list[tuple[str, str]]:
+    lm = f"{paligemma}language_model.model." if old_lm else f"{paligemma}language_model."
+    rules = [
+        # transformers 5.x has no `vision_model` level inside PaliGemma's vision tower.
+        (f"{paligemma}vision_tower.vision_model.", "model.vlm.vision_tower."),
+        (f"{paligemma}multi_modal_projector.", "model.vlm.multi_modal_projector."),
+        (lm, "model.vlm.language_model."),
+        (f"{root}paligemma_with_expert.gemma_expert.model.", "model.dit."),
+    ]
+    return rules + [(root + src, dst) for src, dst in _PROJECTIONS.items()]
+
+
+LAYOUTS: dict[str, tuple[str, list[tuple[str, str]], tuple[str, ...]]] = {
+    # name: (signature prefix, rules, dropped key patterns)
+    "lerobot>=0.4": (
+        _LEROBOT_NEW + "language_model.",
+        _rules("model.", _LEROBOT_NEW, old_lm=False),
+        (r"\.lm_head\.weight$", r"gemma_expert\.model\.embed_tokens\.weight$"),
+    ),
+    "lerobot<=0.3": (
+        _LEROBOT_OLD + "language_model.model.",
+        _rules("model.", _LEROBOT_OLD, old_lm=True),
+        (
+            r"\.lm_head\.weight$",
+            r"gemma_expert\.model\.embed_tokens\.weight$",
+            r"^(normalize_inputs|normalize_targets|unnormalize_outputs)\.",
+        ),
+    ),
+    "openpi-pytorch": (
+        "paligemma_with_expert.paligemma.model.language_model.",
+        _rules("", "paligemma_with_expert.paligemma.model.", old_lm=False),
+        (r"\.lm_head\.weight$", r"gemma_expert\.model\.embed_tokens\.weight$"),
+    ),
+    "canonical": ("model.vlm.language_model.", [], ()),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message says what and how to fix it."""
+
+
+def _name_keys(keys: list[str], limit: int = 10) -> str:
+    shown = ", ".join(sorted(keys)[:limit])
+    return f"{shown}{' ...' if len(keys) > limit else ''} ({len(keys)} in all)"
+
+
+def detect_layout(keys: list[str]) -> str:
+    for name, (signature, _, _) in LAYOUTS.items():
+        if any(k.startswith(signature) for k in keys):
+            return name
+    raise CheckpointError(
+        f"unrecognised PI0 checkpoint layout; first keys: {_name_keys(keys, 5)}. Expected lerobot (>=0.4 or "
+        "<=0.3), openpi PyTorch or ript-ds canonical keys; convert openpi JAX checkpoints with "
+        "tools/convert_openpi_jax.py"
+    )
+
+
+def to_canonical(state: Mapping[str, Tensor], layout: str | None = None) -> tuple[dict[str, Tensor], str]:
+    """Rename a reference state dict to canonical keys; drops only the known-unused keys."""
+    layout = layout or detect_layout(list(state))
+    _, rules, dropped = LAYOUTS[layout]
+    out: dict[str, Tensor] = {}
+    unmapped = []
+    for key, value in state.items():
+        if any(re.search(p, key) for p in dropped):
+            continue
+        target = (
+            key
+            if layout == "canonical"
+            else next((dst + key[len(src) :] for src, dst in rules if key.startswith(src)), None)
+        )
+        if target is None:
+            unmapped.append(key)
+        else:
+            out[target] = value
+    if unmapped:
+        raise CheckpointError(f"{layout} checkpoint has keys that map to nothing: {_name_keys(unmapped)}")
+    return out, layout
+
+
+def from_canonical(key: str, layout: str) -> str:
+    """The name a canonical key has in `layout` (the first rule that produces it)."""
+    for src, dst in LAYOUTS[layout][1]:
+        if key.startswith(dst):
+            return src + key[len(dst) :]
+    return key
+
+
+def load_into(policy: PI0Policy, state: Mapping[str, Tensor], source: str, layout: str = "canonical") -> None:
+    """Strict load of canonical tensors: every key must exist with the right shape, nothing may be left.
+
+    Errors name keys as the checkpoint spells them (layout names), so users can find them in their file.
+    """
+    expected = policy.state_dict()
+    missing = [from_canonical(k, layout) for k in expected if k not in state and k not in OURS_ONLY]
+    unexpected = [from_canonical(k, layout) for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_name_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_name_keys(unexpected)}")
+        raise CheckpointError(f"{source} does not match the PI0 architecture; " + "; ".join(parts))
+    bad = [
+        f"{from_canonical(k, layout)} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if v.shape != expected[k].shape
+    ]
+    if bad:
+        raise CheckpointError(f"{source}: shape mismatch (checkpoint vs model): {_name_keys(bad)}")
+    with torch.no_grad():
+        for key, target in expected.items():
+            if key in state:
+                target.copy_(state[key].to(target.dtype))
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """One file, or a sharded set described by `<name>.index.json`."""
+    index = path.with_name(path.name + ".index.json")
+    files = [path]
+    if not path.exists() and index.exists():
+        files = sorted({path.parent / f for f in json.loads(index.read_text())["weight_map"].values()})
+    if not files[0].exists():
+        raise CheckpointError(
+            f"no weights file {path} (nor {index.name}); is this a PI0 checkpoint directory?"
+        )
+    out: dict[str, Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is no dict)
+    return out
+
+
+def infer_arch(state: Mapping[str, Tensor], vision_heads: int | None = None, **overrides) -> PI0Arch:
+    """Sizes from canonical tensor shapes. PI0 uses one KV head, so head_dim = k_proj rows.
+
+    SigLIP's head count is not visible in any shape: it is 16 for so400m (width 1152); other widths
+    need `vision_heads`.
+    """
+
+    def gemma(prefix: str) -> GemmaArch:
+        depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(rf"{prefix}layers\.(\d+)\.", k)))
+        attn = f"{prefix}layers.0.self_attn."
+        head_dim = state[attn + "k_proj.weight"].shape[0]
+        return GemmaArch(
+            width=state[attn + "q_proj.weight"].shape[1],
+            depth=depth,
+            mlp_dim=state[f"{prefix}layers.0.mlp.gate_proj.weight"].shape[0],
+            num_heads=state[attn + "q_proj.weight"].shape[0] // head_dim,
+            num_kv_heads=1,
+            head_dim=head_dim,
+        )
+
+    vt = "model.vlm.vision_tower."
+    width, _, patch, _ = state[vt + "embeddings.patch_embedding.weight"].shape
+    tokens = state[vt + "embeddings.position_embedding.weight"].shape[0]
+    if vision_heads is None and width != 1152:
+        raise CheckpointError(
+            f"SigLIP width {width} is not so400m: pass the vision head count (e.g. an arch JSON) to load it"
+        )
+    vision = VisionArch(
+        width=width,
+        depth=1 + max(int(m.group(1)) for k in state if (m := re.match(rf"{vt}encoder\.layers\.(\d+)\.", k))),
+        mlp_dim=state[vt + "encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_heads=vision_heads or 16,
+        patch_size=patch,
+        image_size=round(tokens**0.5) * patch,
+    )
+    action_in = state["embed_action_time.action_in_proj.weight"]
+    return PI0Arch(
+        vlm=gemma("model.vlm.language_model."),
+        expert=gemma("model.dit."),
+        vision=vision,
+        vocab_size=state["model.vlm.language_model.embed_tokens.weight"].shape[0],
+        max_state_dim=state["embed_action_time.state_proj.weight"].shape[1],
+        max_action_dim=action_in.shape[1],
+        **overrides,
+    )
+
+
+def load_weights_file(policy: PI0Policy, path: str | Path) -> str:
+    """Load one weights file (or sharded set) of any supported layout into `policy`; returns the layout."""
+    state, layout = to_canonical(read_safetensors(Path(path)))
+    load_into(policy, state, source=f"{layout} weights {path}", layout=layout)
+    return layout
+
+
+@dataclass
+class LoadedCheckpoint:
+    policy: PI0Policy
+    norm_stats: NormStats | None
+    layout: str
+
+
+def _reference_overrides(directory: Path) -> dict:
+    """chunk size / steps from a lerobot config.json, when there is one."""
+    cfg_file = directory / "config.json"
+    if not cfg_file.exists():
+        return {}
+    cfg = json.loads(cfg_file.read_text())
+    return {k: cfg[k] for k in ("chunk_size", "num_inference_steps") if isinstance(cfg.get(k), int)}
+
+
+def load_checkpoint(directory: str | Path, arch: PI0Arch | None = None) -> LoadedCheckpoint:
+    """Load any supported layout from a directory: weights, architecture and normalization statistics."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    raw = read_safetensors(directory / CANONICAL_WEIGHTS)
+    state, layout = to_canonical(raw)
+    if arch is None and (directory / CANONICAL_ARCH).exists():
+        arch = PI0Arch.from_dict(json.loads((directory / CANONICAL_ARCH).read_text()))
+    if arch is None:
+        arch = infer_arch(state, **_reference_overrides(directory))
+    policy = PI0Policy(arch)
+    load_into(policy, state, source=f"{layout} checkpoint {directory}", layout=layout)
+    stats = load_norm_stats(directory, raw)
+    log.info("loaded PI0 (%s layout) from %s; normalization stats: %s", layout, directory, stats is not None)
+    return LoadedCheckpoint(policy=policy, norm_stats=stats, layout=layout)
+
+
+def save_canonical(policy: PI0Policy, directory: str | Path, norm_stats: NormStats | None = None) -> Path:
+    """Our layout: model.safetensors (canonical keys, contiguous) + pi0_arch.json + norm_stats.json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
+    save_file(tensors, str(directory / CANONICAL_WEIGHTS), metadata={"format": "pt", "layout": "ript-ds"})
+    (directory / CANONICAL_ARCH).write_text(json.dumps(policy.arch.to_dict(), indent=2))
+    if norm_stats is not None:
+        norm_stats.save(directory)
+    return directory

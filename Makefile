@@ -7,6 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 EXTRAS ?= libero,dev
+PY_DIRS := ript_ds launch tools tests
 STAMP := $(VENV)/.installed-$(shell md5sum pyproject.toml | cut -c1-12)-$(EXTRAS)
 
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
@@ -36,8 +37,8 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check $(PY_DIRS)
+	$(VENV)/bin/ruff format --check $(PY_DIRS)
 	$(PY) -m compileall -q ript_ds launch tools tests
 
 bench: install

@@ -1,0 +1,253 @@
+"""Typed experiment configuration: YAML file + `key=value` overrides, validated before any distributed init.
+
+Every field has a comment; `python launch/train.py --help` will list them. Unknown keys fail with a
+"did you mean" hint, wrong types and out-of-range values with one line naming the key. The resolved
+config is never mutated after `validate()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line naming the key and how to fix it."""
+
+
+@dataclass
+class ModelCfg:
+    checkpoint: str | None = None  # PI0 checkpoint directory (any supported layout); None = random init
+    arch: Literal["pi0", "tiny"] = "tiny"  # sizes when no checkpoint is given
+    tokenizer_path: str | None = (
+        None  # PaliGemma tokenizer.model / tokenizer.json; None = tiny, built in code
+    )
+    tokenizer_max_length: int = 48  # prompt tokens (padded)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of the Gemma stacks
+    gradient_checkpointing: bool = False  # per-layer activation checkpointing
+    num_inference_steps: int = 10  # denoising steps when sampling
+
+
+@dataclass
+class EnvCfg:
+    kind: Literal["synthetic", "libero"] = "synthetic"
+    suite: str = (
+        "synthetic"  # libero_spatial | libero_object | libero_goal | libero_10 | libero_90 | synthetic
+    )
+    task_ids: list[int] = field(default_factory=lambda: [0])  # tasks of the suite to train on
+    camera_size: int = 256  # simulator render size before resize-with-pad to the model's image size
+    num_eval_init_states: int = 0  # per task, held out from training for evaluation
+    difficulty: float = 0.5  # synthetic env only
+    max_steps: int | None = None  # override the suite's episode cap (tests, debugging)
+
+
+@dataclass
+class RolloutCfg:
+    num_envs: int = 2  # env worker processes per rank
+    replan_every: int = 5  # actions executed from each predicted chunk before replanning
+    guidance: float = 1.0  # w in v = v_none + w (v_pos - v_none) for rollouts
+    step_timeout_s: float = 120.0  # a worker silent this long is restarted, its episode failed
+    videos_per_iteration: int = 0  # mp4s written per iteration (rank 0)
+
+
+@dataclass
+class RiptCfg:
+    rollouts_per_context: int = 8  # K
+    groups_per_iteration: int = 4  # kept (mixed-outcome) groups wanted per iteration, all ranks together
+    max_sampling_rounds: int = 8  # attempt cap of the smart sampler per iteration
+    loss: Literal["cfg", "awr", "fpo"] = "cfg"
+    cfg_alpha: float = 0.1  # weight of the unconditional flow-matching term
+    awr_beta: float = 1.0
+    awr_max_weight: float = 20.0
+    fpo_clip: float = 0.2
+    fpo_samples: int = 4  # (noise, time) samples per window for the FPO ratio
+    skip_solved_after: int | None = None  # skip contexts whose last M rollouts all succeeded
+    mixed_bonus: float = 0.0  # extra sampling weight for contexts with mixed history
+
+
+@dataclass
+class TrainCfg:
+    iterations: int = 10
+    epochs: int = 1  # passes over the iteration's windows
+    micro_batch_size: int = 8  # windows per forward, per rank
+    grad_accum_steps: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    seed: int = 0
+    collective_timeout_s: float = 600.0  # a rank silent this long ends the job with an error
+
+
+@dataclass
+class CkptCfg:
+    every: int = 0  # save every N iterations (0 = only at the end and on signals)
+    keep_last: int = 2
+    resume: str = "auto"  # auto | none | PATH
+    allow_config_change: bool = False
+
+
+@dataclass
+class LogCfg:
+    wandb: bool = False
+    wandb_project: str = "ript-ds"
+    tensorboard: bool = False
+    level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
+
+
+@dataclass
+class ExperimentCfg:
+    run_name: str = "run"
+    output_dir: str = "runs"
+    model: ModelCfg = field(default_factory=ModelCfg)
+    env: EnvCfg = field(default_factory=EnvCfg)
+    rollout: RolloutCfg = field(default_factory=RolloutCfg)
+    ript: RiptCfg = field(default_factory=RiptCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    ckpt: CkptCfg = field(default_factory=CkptCfg)
+    log: LogCfg = field(default_factory=LogCfg)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> ExperimentCfg:
+        """Ranges and combinations; raises ConfigError with one line."""
+        checks = [
+            (
+                self.ript.rollouts_per_context >= 2,
+                "ript.rollouts_per_context must be >= 2 (RLOO needs K >= 2)",
+            ),
+            (self.ript.groups_per_iteration >= 1, "ript.groups_per_iteration must be >= 1"),
+            (self.ript.max_sampling_rounds >= 1, "ript.max_sampling_rounds must be >= 1"),
+            (self.rollout.num_envs >= 1, "rollout.num_envs must be >= 1"),
+            (self.rollout.replan_every >= 1, "rollout.replan_every must be >= 1"),
+            (self.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
+            (self.train.lr > 0, "train.lr must be > 0"),
+            (0.0 <= self.env.difficulty <= 1.0, "env.difficulty must be in [0, 1]"),
+            (len(self.env.task_ids) > 0, "env.task_ids must name at least one task"),
+            (self.ckpt.keep_last >= 1, "ckpt.keep_last must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.env.kind == "synthetic" and self.env.suite != "synthetic":
+            raise ConfigError(f"env.kind=synthetic needs env.suite=synthetic, got {self.env.suite!r}")
+        return self
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check (and for CLI strings, convert) a value against a field annotation."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[]") for v in value]
+    if annotation is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation in (int, float):
+        if isinstance(value, str):
+            try:  # "1e-5" is a string to YAML 1.1 but a number to everyone else
+                value = annotation(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be {annotation.__name__}, got {value!r}") from None
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if annotation is float and ok:
+            return float(value)
+        if not ok and not (annotation is float and isinstance(value, float)):
+            raise ConfigError(f"{key} must be {annotation.__name__}, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {annotation}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key {full!r}" + _suggest(key, list(fields)))
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full} must be a section (mapping), got {value!r}")
+            kwargs[key] = _build(hints[key], value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    path, value = item.split("=", 1)
+    node = data
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentCfg:
+    """YAML file (optional) + `section.key=value` overrides -> validated ExperimentCfg."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    for item in overrides or []:
+        _apply_override(data, item)
+    return _build(ExperimentCfg, data, "").validate()

@@ -1,0 +1,62 @@
+"""Experiment config: YAML + overrides, types, ranges, unknown keys with hints."""
+
+from __future__ import annotations
+
+import pytest
+
+from ript_ds.config import ConfigError, ExperimentCfg, load_config
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    cfg_file = tmp_path / "x.yaml"
+    cfg_file.write_text("run_name: exp\ntrain:\n  lr: 3.0e-5\nenv:\n  task_ids: [0, 2]\n")
+    cfg = load_config(
+        cfg_file,
+        [
+            "train.lr=1e-4",
+            "ript.rollouts_per_context=4",
+            "model.checkpoint=none",
+            "rollout.guidance=2",
+            "model.gradient_checkpointing=true",
+            "env.task_ids=1,3",
+        ],
+    )
+    assert cfg.run_name == "exp" and cfg.train.lr == 1e-4 and isinstance(cfg.rollout.guidance, float)
+    assert cfg.ript.rollouts_per_context == 4 and cfg.model.checkpoint is None
+    assert cfg.model.gradient_checkpointing is True and cfg.env.task_ids == [1, 3]
+    assert load_config().to_dict() == ExperimentCfg().to_dict()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lrr=1", "unknown config key 'train.lrr'; did you mean 'lr'?"),
+        ("trian.lr=1", "unknown config key 'trian'; did you mean 'train'?"),
+        ("train.lr=fast", "train.lr must be float, got 'fast'"),
+        ("train.lr=-1", "train.lr must be > 0"),
+        ("ript.rollouts_per_context=1", "ript.rollouts_per_context must be >= 2 (RLOO needs K >= 2)"),
+        ("ript.loss=ppo", "ript.loss='ppo' is not one of ['cfg', 'awr', 'fpo']"),
+        ("model.dtype=float16", "model.dtype='float16' is not one of ['float32', 'bfloat16']"),
+        ("rollout.num_envs=2.5", "rollout.num_envs must be int, got '2.5'"),
+        ("env.suite=libero_10", "env.kind=synthetic needs env.suite=synthetic"),
+        ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing must be true or false"),
+        ("lr", "override 'lr' must look like section.key=value"),
+    ],
+)
+def test_bad_values_give_one_clear_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match="train must be a section"):
+        load_config(bad)

@@ -1,0 +1,273 @@
+"""N environments in worker processes, driven in lockstep, surviving worker crashes and hangs.
+
+The driver sends each slot one command (`send_reset` or `send_step`), then `gather()` waits for all
+pending replies at once. A worker that dies or overruns `timeout_s` is killed and restarted; its
+reply comes back as a `SlotReply` with `failure` set, so one bad simulator never stalls a rollout.
+Workers cache one env per task because LIBERO env creation costs seconds.
+
+Workers start with the "spawn" context by default: the driver may hold CUDA, threads or DeepSpeed
+state that must not be forked. Workers are daemons, terminated by close(), by leaving the `with`
+block (also on exceptions), and by an atexit hook as a last resort; a worker whose driver dies
+sees its pipe close and exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import multiprocessing as mp
+import time
+import traceback
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import numpy as np
+
+from ript_ds.env.base import Env, Observation, TaskSpec
+
+logger = logging.getLogger(__name__)
+
+ENV_KINDS = ("synthetic", "libero")
+
+
+@dataclass(frozen=True)
+class EnvFactory:
+    """Picklable recipe for building an env inside a worker."""
+
+    kind: str  # one of ENV_KINDS
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the env constructor after the task
+    max_cached_envs: int = 8  # per worker, least recently used closed first (LIBERO envs hold a renderer)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ENV_KINDS:
+            raise ValueError(f"unknown env kind {self.kind!r}; expected one of {ENV_KINDS}")
+
+    def make(self, task: TaskSpec) -> Env:
+        # Imported here, in the worker: LIBERO pulls in mujoco and robosuite, which the driver never needs.
+        if self.kind == "synthetic":
+            from ript_ds.env.synthetic import SyntheticEnv
+
+            return SyntheticEnv(task, **self.kwargs)
+        from ript_ds.env.libero import LiberoEnv
+
+        return LiberoEnv(task, **self.kwargs)
+
+
+@dataclass
+class SlotReply:
+    """A worker's answer to one command. For a reset, executed is 0 and success/done are False."""
+
+    obs: Observation | None  # after the last executed action (or the reset); None on failure
+    executed: int  # actions executed by this command
+    success: bool
+    done: bool
+    failure: str | None = None  # why the episode could not go on (crash, timeout, env error)
+
+
+@dataclass
+class PoolStats:
+    crashes: int = 0  # worker processes that died during a command
+    timeouts: int = 0  # commands that overran timeout_s (worker killed)
+    errors: int = 0  # exceptions raised by an env (worker kept, env rebuilt)
+    restarts: int = 0
+
+
+def _worker_main(conn: Connection, factory: EnvFactory) -> None:
+    envs: OrderedDict[TaskSpec, Env] = OrderedDict()
+    current: Env | None = None
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:  # the driver is gone
+            break
+        cmd = msg[0]
+        if cmd == "close":
+            break
+        try:
+            if cmd == "reset":
+                _, task, init_state_idx, seed = msg
+                current = None  # if building the env fails, no older env is to blame
+                current = _cached_env(envs, task, factory)
+                reply = SlotReply(current.reset(init_state_idx, seed), 0, False, False)
+            elif cmd == "step":
+                reply = _run_actions(current, msg[1])
+            else:
+                raise ValueError(f"unknown command {cmd!r}")
+        except Exception as exc:
+            # The episode is lost but the worker is fine; drop the env since its state is unknown.
+            if current is not None:
+                envs = OrderedDict((t, e) for t, e in envs.items() if e is not current)
+                with contextlib.suppress(Exception):  # it already failed once; the reply says why
+                    current.close()
+                current = None
+            reply = SlotReply(None, 0, False, True, f"env error: {exc!r}\n{traceback.format_exc()}")
+        conn.send(reply)
+    for env in envs.values():
+        env.close()
+
+
+def _cached_env(envs: OrderedDict[TaskSpec, Env], task: TaskSpec, factory: EnvFactory) -> Env:
+    if task in envs:
+        envs.move_to_end(task)
+        return envs[task]
+    while len(envs) >= factory.max_cached_envs:
+        envs.popitem(last=False)[1].close()
+    envs[task] = factory.make(task)
+    return envs[task]
+
+
+def _run_actions(env: Env | None, actions: np.ndarray) -> SlotReply:
+    if env is None:
+        raise RuntimeError("step before any reset")
+    executed, result = 0, None
+    for action in actions:
+        result = env.step(action)
+        executed += 1
+        if result.done:
+            break
+    if result is None:
+        raise ValueError("step command with zero actions")
+    return SlotReply(result.obs, executed, result.success, result.done)
+
+
+class _Worker:
+    def __init__(self, ctx: Any, factory: EnvFactory, slot: int) -> None:
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(
+            target=_worker_main, args=(child, factory), daemon=True, name=f"env-{slot}"
+        )
+        self.process.start()
+        child.close()  # so the driver sees EOF when the worker dies
+
+    def kill(self) -> int | None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=10)
+        self.conn.close()
+        return self.process.exitcode
+
+    def stop(self, timeout: float = 2.0) -> None:
+        with contextlib.suppress(BrokenPipeError, OSError):  # already dead: kill() below just reaps it
+            self.conn.send(("close",))
+        self.process.join(timeout=timeout)
+        self.kill()
+
+
+_LIVE_POOLS: weakref.WeakSet[EnvPool] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for pool in list(_LIVE_POOLS):
+        pool.close()
+
+
+class EnvPool:
+    """`num_workers` env slots; see the module docstring. Not thread-safe: one driver."""
+
+    def __init__(
+        self,
+        factory: EnvFactory,
+        num_workers: int,
+        timeout_s: float = 30.0,  # per command; LIBERO's first reset of a task builds the env (~7 s)
+        start_method: str = "spawn",
+    ) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.factory, self.timeout_s = factory, timeout_s
+        self.stats = PoolStats()
+        self._ctx = mp.get_context(start_method)
+        self._workers: list[_Worker | None] = [_Worker(self._ctx, factory, i) for i in range(num_workers)]
+        self._pending: dict[int, float] = {}  # slot -> deadline (monotonic seconds)
+        _LIVE_POOLS.add(self)
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._workers)
+
+    def pids(self) -> list[int]:
+        """Current worker process ids (tests and diagnostics)."""
+        return [w.process.pid for w in self._workers if w is not None]
+
+    def send_reset(self, slot: int, task: TaskSpec, init_state_idx: int, seed: int) -> None:
+        self._send(slot, ("reset", task, init_state_idx, seed))
+
+    def send_step(self, slot: int, actions: np.ndarray) -> None:
+        """Queue up to len(actions) steps [n, A]; the worker stops early when the episode ends."""
+        self._send(slot, ("step", np.asarray(actions, dtype=np.float32)))
+
+    def _send(self, slot: int, msg: tuple) -> None:
+        worker = self._workers[slot]
+        if worker is None:
+            raise RuntimeError("EnvPool is closed")
+        if slot in self._pending:
+            raise RuntimeError(f"slot {slot} already has a command pending; gather() first")
+        self._pending[slot] = time.monotonic() + self.timeout_s
+        # A worker that died since its last reply fails the send; gather() sees it dead and reports it.
+        with contextlib.suppress(BrokenPipeError, OSError):
+            worker.conn.send(msg)
+
+    def gather(self) -> dict[int, SlotReply]:
+        """Wait for every pending command; never longer than timeout_s past the latest send."""
+        replies: dict[int, SlotReply] = {}
+        while self._pending:
+            by_conn = {self._workers[s].conn: s for s in self._pending}
+            by_sentinel = {self._workers[s].process.sentinel: s for s in self._pending}
+            wait_s = max(0.0, min(self._pending.values()) - time.monotonic())
+            for ready in wait([*by_conn, *by_sentinel], timeout=wait_s):
+                slot = by_conn.get(ready, by_sentinel.get(ready))
+                if slot in replies:  # both its pipe and its sentinel fired
+                    continue
+                replies[slot] = self._receive(slot)
+                del self._pending[slot]
+            now = time.monotonic()
+            for slot in [s for s, deadline in self._pending.items() if deadline <= now]:
+                self.stats.timeouts += 1
+                replies[slot] = self._restart(slot, f"timeout after {self.timeout_s:g} s")
+                del self._pending[slot]
+        return replies
+
+    def _receive(self, slot: int) -> SlotReply:
+        worker = self._workers[slot]
+        try:
+            if worker.conn.poll():
+                reply = worker.conn.recv()
+                if reply.failure is not None:
+                    self.stats.errors += 1
+                    logger.warning("env slot %d: %s", slot, reply.failure)
+                return reply
+        except (EOFError, OSError):
+            pass
+        self.stats.crashes += 1
+        worker.process.join(timeout=5)  # the sentinel fired or the pipe closed: it is exiting
+        return self._restart(slot, f"worker crashed (exit {worker.process.exitcode})")
+
+    def _restart(self, slot: int, reason: str) -> SlotReply:
+        code = self._workers[slot].kill()
+        logger.warning("env slot %d: %s (exit code %s); restarting its worker", slot, reason, code)
+        self._workers[slot] = _Worker(self._ctx, self.factory, slot)
+        self.stats.restarts += 1
+        return SlotReply(None, 0, False, True, reason)
+
+    def close(self) -> None:
+        """Stop every worker (idempotent)."""
+        workers, self._workers = self._workers, [None] * len(self._workers)
+        self._pending.clear()
+        for worker in workers:
+            if worker is not None:
+                worker.stop()
+        _LIVE_POOLS.discard(self)
+
+    def __enter__(self) -> EnvPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if any(w is not None for w in getattr(self, "_workers", [])):
+            self.close()

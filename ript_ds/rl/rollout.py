@@ -1,0 +1,232 @@
+"""Rollouts: many episodes through an EnvPool with one batched policy call per replanning step.
+
+All live envs advance in lockstep: observe -> one policy call for every live env -> each env
+executes the first `replan_every` actions of its chunk. A slot whose episode ended takes the next
+queued request at once; its reset goes out together with the other slots' step commands.
+
+Noise seeding (make_pi0_policy_fn): the flow-matching noise of an env's chunk is drawn from a torch
+Generator seeded by (episode seed, task id, init state, replan index) alone, so an episode's actions
+do not depend on which other envs share the batch or on the order requests are served.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ript_ds.env.base import Observation, TaskSpec
+from ript_ds.env.pool import EnvPool, SlotReply
+from ript_ds.model.pi0 import PI0Policy
+from ript_ds.model.processing import Processor
+from ript_ds.rl.types import Context, Episode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NoiseKey:
+    """Everything that identifies one policy query of one episode, for seeding its noise."""
+
+    seed: int  # the episode's reset seed
+    context: Context
+    replan_index: int  # 0 for the first chunk of the episode, 1 for the next, ...
+
+
+# observations [n], tasks [n], noise keys [n] -> action chunks [n, H, A] in env units
+PolicyFn = Callable[[list[Observation], list[TaskSpec], list[NoiseKey]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class RolloutRequest:
+    context: Context
+    task: TaskSpec
+    seed: int
+
+
+@dataclass
+class RolloutStats:
+    episodes: int
+    env_steps: int
+    seconds: float
+    env_steps_per_s: float
+    success_rate: float  # over all episodes, failed (crashed) ones counting as unsuccessful
+    failures: int  # episodes with a failure_reason
+    policy_calls: int
+
+
+@dataclass
+class RolloutResult:
+    episodes: list[Episode]  # in request order
+    stats: RolloutStats
+
+
+@dataclass
+class _Live:
+    """An episode in progress on one pool slot."""
+
+    index: int  # position in the request list
+    request: RolloutRequest
+    images: list[np.ndarray] = field(default_factory=list)
+    states: list[np.ndarray] = field(default_factory=list)
+    actions: list[np.ndarray] = field(default_factory=list)
+    replan_steps: list[int] = field(default_factory=list)
+    obs: Observation | None = None  # latest observation, awaiting a policy call
+    sent: np.ndarray | None = None  # actions sent with the pending step command
+
+    @property
+    def length(self) -> int:
+        return len(self.actions)
+
+    def observe(self, obs: Observation) -> None:
+        self.obs = obs
+        self.images.append(obs.images)
+        self.states.append(obs.state.astype(np.float32))
+        self.replan_steps.append(self.length)
+
+    def finish(self, success: bool, failure: str | None, action_dim: int) -> Episode:
+        req = self.request
+        if self.images:
+            images, states = np.stack(self.images), np.stack(self.states)
+        else:  # failed at its reset: nothing observed
+            images, states = np.zeros((0, 0, 0, 0, 3), np.uint8), np.zeros((0, 0), np.float32)
+        return Episode(
+            context=req.context,
+            seed=req.seed,
+            images=images,
+            states=states,
+            actions=np.array(self.actions, dtype=np.float32).reshape(-1, action_dim),
+            replan_steps=np.array(self.replan_steps, dtype=np.int64),
+            success=success,
+            length=self.length,
+            failure_reason=failure,
+        )
+
+
+def collect(
+    policy_fn: PolicyFn,
+    pool: EnvPool,
+    requests: Sequence[RolloutRequest | tuple[Context, TaskSpec, int]],
+    replan_every: int = 5,
+    action_dim: int = 7,
+) -> RolloutResult:
+    """Run every request to the end (success, step cap or failure); see the module docstring."""
+    if replan_every < 1:
+        raise ValueError(f"replan_every must be >= 1, got {replan_every}")
+    reqs = [r if isinstance(r, RolloutRequest) else RolloutRequest(*r) for r in requests]
+    queue = deque(enumerate(reqs))
+    slots: list[_Live | None] = [None] * pool.num_workers
+    episodes: list[Episode | None] = [None] * len(reqs)
+    start, env_steps, calls = time.perf_counter(), 0, 0
+
+    def start_next(slot: int) -> None:
+        if queue:
+            index, req = queue.popleft()
+            slots[slot] = _Live(index, req)
+            pool.send_reset(slot, req.task, req.context.init_state_idx, req.seed)
+
+    for slot in range(pool.num_workers):
+        start_next(slot)
+    while any(s is not None for s in slots):
+        for slot, reply in pool.gather().items():
+            live = slots[slot]
+            env_steps += _apply_reply(live, reply)
+            if reply.failure is not None or reply.done:
+                episodes[live.index] = live.finish(reply.success, reply.failure, action_dim)
+                slots[slot] = None
+        waiting = [i for i, s in enumerate(slots) if s is not None and s.obs is not None]
+        if waiting:
+            calls += 1
+            chunks = _query(policy_fn, [slots[i] for i in waiting], replan_every, action_dim)
+            for i, chunk in zip(waiting, chunks, strict=True):
+                slots[i].sent, slots[i].obs = chunk, None
+                pool.send_step(i, chunk)
+        for slot in range(pool.num_workers):
+            if slots[slot] is None:
+                start_next(slot)  # its reset travels with this round's step commands
+    return RolloutResult(episodes=list(episodes), stats=_stats(episodes, env_steps, start, calls))
+
+
+def _apply_reply(live: _Live, reply: SlotReply) -> int:
+    """Record a reset or step reply; returns the env steps it executed."""
+    if live.sent is not None:
+        live.actions.extend(live.sent[: reply.executed])
+        live.sent = None
+    if reply.failure is None and not reply.done:
+        live.observe(reply.obs)
+    return reply.executed
+
+
+def _query(policy_fn: PolicyFn, lives: list[_Live], replan_every: int, action_dim: int) -> list[np.ndarray]:
+    keys = [NoiseKey(lv.request.seed, lv.request.context, len(lv.replan_steps) - 1) for lv in lives]
+    chunks = np.asarray(policy_fn([lv.obs for lv in lives], [lv.request.task for lv in lives], keys))
+    if chunks.ndim != 3 or chunks.shape[0] != len(lives) or chunks.shape[2] != action_dim:
+        raise ValueError(f"policy_fn returned {chunks.shape}; expected [{len(lives)}, H, {action_dim}]")
+    if chunks.shape[1] < replan_every:
+        raise ValueError(
+            f"action chunks of {chunks.shape[1]} steps are shorter than replan_every={replan_every}"
+        )
+    return [c[:replan_every].astype(np.float32) for c in chunks]
+
+
+def _stats(episodes: Sequence[Episode], env_steps: int, start: float, calls: int) -> RolloutStats:
+    seconds = time.perf_counter() - start
+    n = len(episodes)
+    return RolloutStats(
+        episodes=n,
+        env_steps=env_steps,
+        seconds=seconds,
+        env_steps_per_s=env_steps / max(seconds, 1e-9),
+        success_rate=sum(ep.success for ep in episodes) / n if n else 0.0,
+        failures=sum(ep.crashed for ep in episodes),
+        policy_calls=calls,
+    )
+
+
+def noise_seed(key: NoiseKey) -> int:
+    """A 63-bit torch seed from a NoiseKey, well mixed so nearby seeds give unrelated noise."""
+    c = key.context
+    entropy = [key.seed & 0xFFFFFFFF, c.task_id, c.init_state_idx, key.replan_index]
+    return int(np.random.SeedSequence(entropy).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def make_pi0_policy_fn(
+    policy: PI0Policy,
+    processor: Processor,
+    num_steps: int | None = None,
+    guidance: float | None = None,
+    base_seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> PolicyFn:
+    """A PolicyFn that runs PI0 once per call for the whole batch; noise per env from its NoiseKey.
+
+    `base_seed` is added to every episode seed (one knob to vary all noise, e.g. per iteration).
+    """
+    arch = policy.arch
+
+    def policy_fn(observations: list[Observation], tasks: list[TaskSpec], keys: list[NoiseKey]) -> np.ndarray:
+        images = np.stack([o.images for o in observations])
+        states = np.stack([o.state for o in observations])
+        batch = processor.batch(images, states, [t.instruction for t in tasks], device=device)
+        noise = torch.stack(
+            [
+                torch.randn(
+                    arch.chunk_size,
+                    arch.max_action_dim,
+                    generator=torch.Generator().manual_seed(
+                        noise_seed(NoiseKey(k.seed + base_seed, k.context, k.replan_index))
+                    ),
+                )
+                for k in keys
+            ]
+        ).to(device)  # [n, H, A_max], drawn on CPU so it is identical on every device
+        with torch.no_grad():
+            actions = policy.sample_actions(batch, noise, num_steps, guidance)
+        return processor.decode_actions(actions)  # [n, H, action_dim]
+
+    return policy_fn

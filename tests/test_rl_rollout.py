@@ -1,0 +1,124 @@
+"""Rollout collection: one batched policy call per replanning step, replayable PI0 episodes, videos."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import tiny_policy
+
+from ript_ds.env.pool import EnvFactory, EnvPool
+from ript_ds.env.synthetic import SyntheticEnv, expert_chunk, synthetic_tasks
+from ript_ds.model.normalization import FeatureStats, NormStats
+from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
+from ript_ds.rl.rollout import NoiseKey, RolloutRequest, collect, make_pi0_policy_fn, noise_seed
+from ript_ds.rl.types import Context
+from ript_ds.rl.video import episode_frames, write_videos
+
+TASKS = synthetic_tasks(n_tasks=3, num_init_states=10, max_steps=20)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with EnvPool(EnvFactory("synthetic", {"difficulty": 0.5}), num_workers=2) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def pi0_fn(tmp_path_factory):
+    tok = PromptTokenizer(
+        build_tiny_tokenizer(tmp_path_factory.mktemp("tok"), [t.instruction for t in TASKS])
+    )
+    stats = NormStats(
+        state=FeatureStats(mean=np.full(8, 0.5), std=np.full(8, 0.3)),
+        actions=FeatureStats(mean=np.zeros(7), std=np.ones(7)),
+    )
+    processor = Processor(tokenizer=tok, norm_stats=stats, action_dim=7)
+    return make_pi0_policy_fn(tiny_policy(seed=0).eval(), processor, num_steps=3)
+
+
+def make_requests(specs):
+    return [RolloutRequest(Context(task, init), TASKS[task], seed) for task, init, seed in specs]
+
+
+def test_one_batched_call_per_replanning_step(pool):
+    calls = []
+
+    def expert(observations, tasks, keys):
+        calls.append([(k.seed, k.replan_index) for k in keys])
+        return np.stack(
+            [expert_chunk(o.state, t, horizon=6) for o, t in zip(observations, tasks, strict=True)]
+        )
+
+    result = collect(expert, pool, make_requests([(i % 3, i, 100 + i) for i in range(5)]), replan_every=5)
+    eps = result.episodes
+    assert result.stats.policy_calls == len(calls)
+    # Every replanning step of every episode was answered by exactly one call ...
+    queried = sorted(q for call in calls for q in call)
+    assert queried == sorted((ep.seed, i) for ep in eps for i in range(len(ep.replan_steps)))
+    # ... and calls were shared: never more envs than slots, and at least once all slots together.
+    assert max(len(c) for c in calls) == pool.num_workers and len(calls) < len(queried)
+    for ep in eps:
+        assert ep.images.shape[1:] == (2, 32, 32, 3) and ep.images.dtype == np.uint8
+        assert ep.states.shape == (len(ep.replan_steps), 8)
+        assert list(ep.replan_steps) == list(range(0, 5 * len(ep.replan_steps), 5))
+        assert ep.actions.shape == (ep.length, 7) and ep.length > ep.replan_steps[-1]
+    assert result.stats.env_steps == sum(ep.length for ep in eps)
+    assert result.stats.success_rate == np.mean([ep.success for ep in eps])
+
+
+def test_policy_output_is_validated(pool):
+    with pytest.raises(ValueError, match="shorter than replan_every"):
+        collect(lambda o, t, k: np.zeros((len(o), 3, 7)), pool, make_requests([(0, 0, 0)]), replan_every=5)
+
+
+def test_noise_seed_depends_on_every_key_field():
+    base = NoiseKey(1, Context(0, 2), 3)
+    others = [NoiseKey(2, Context(0, 2), 3), NoiseKey(1, Context(1, 2), 3), NoiseKey(1, Context(0, 3), 3)]
+    others.append(NoiseKey(1, Context(0, 2), 4))
+    seeds = {noise_seed(k) for k in [base, *others]}
+    assert len(seeds) == 5 and noise_seed(base) == noise_seed(NoiseKey(1, Context(0, 2), 3))
+
+
+def test_pi0_rollouts_replay_exactly(pool, pi0_fn):
+    shared = [(0, 1, 7), (1, 2, 8)]
+    first = collect(pi0_fn, pool, make_requests([*shared, (2, 3, 9), (0, 4, 10)])).episodes
+    # Same two requests, now batched with different companions and served in another order.
+    second = collect(pi0_fn, pool, make_requests([(2, 5, 11), (1, 2, 8), (1, 6, 12), (0, 1, 7)])).episodes
+    pairs = [(first[0], second[3]), (first[1], second[1])]
+    for a, b in pairs:
+        assert a.success == b.success and a.length == b.length
+        np.testing.assert_allclose(a.actions, b.actions, atol=1e-5)
+        assert np.array_equal(a.images, b.images) and np.array_equal(a.replan_steps, b.replan_steps)
+    # The tiny random PI0 really acts (not zeros), and different seeds give different actions.
+    assert np.abs(first[0].actions).max() > 1e-3
+    assert not np.allclose(first[0].actions[:5], first[3].actions[:5])
+    # An env replay of the recorded actions gives the recorded outcome (Episode's replay contract).
+    ep = first[1]
+    env = SyntheticEnv(TASKS[ep.context.task_id], difficulty=0.5)
+    obs = env.reset(ep.context.init_state_idx, ep.seed)
+    for step, action in enumerate(ep.actions):
+        if step in ep.replan_steps:
+            assert np.array_equal(obs.images, ep.images[list(ep.replan_steps).index(step)])
+        result = env.step(action)
+        obs = result.obs
+    assert result.done and result.success == ep.success
+
+
+def test_video_written(pool, tmp_path):
+    def expert(observations, tasks, keys):
+        return np.stack(
+            [expert_chunk(o.state, t, horizon=5) for o, t in zip(observations, tasks, strict=True)]
+        )
+
+    eps = collect(expert, pool, make_requests([(0, 0, 1), (1, 1, 2), (2, 2, 3)])).episodes
+    frames = episode_frames(eps[0])
+    assert frames.shape[1] % 16 == 0 and frames.shape[2] % 16 == 0 and frames.shape[2] > frames.shape[1]
+    border = frames[0, 0, 0]
+    assert list(border) == ([0, 200, 0] if eps[0].success else [220, 0, 0])
+    paths = write_videos(eps, tmp_path / "videos", max_videos=2)
+    assert len(paths) == 2 and all(p.exists() and p.stat().st_size > 0 for p in paths)
+    import imageio.v2 as imageio
+
+    reader = imageio.get_reader(paths[0], format="FFMPEG")
+    assert reader.count_frames() == len(eps[0].replan_steps)
+    assert reader.get_data(0).shape == frames.shape[1:]

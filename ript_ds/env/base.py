@@ -13,6 +13,16 @@ from typing import Protocol
 
 import numpy as np
 
+ACTION_DIM = 7  # LIBERO's: delta eef position (3) + delta eef rotation (3) + gripper (-1 open, +1 close)
+
+
+def check_action(action: np.ndarray) -> np.ndarray:
+    """One env action as float64 [ACTION_DIM]; any other shape is a caller bug, reported as such."""
+    action = np.asarray(action, dtype=np.float64)
+    if action.shape != (ACTION_DIM,):
+        raise ValueError(f"action must have shape ({ACTION_DIM},), got {action.shape}")
+    return action
+
 
 @dataclass(frozen=True)
 class TaskSpec:

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ript_ds.env.base import Observation, StepResult, TaskSpec
+from ript_ds.env.base import ACTION_DIM, Observation, StepResult, TaskSpec, check_action
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ MAX_STEPS: dict[str, int] = {
 }
 SUITES: tuple[str, ...] = tuple(MAX_STEPS)
 
-ACTION_DIM = 7  # delta eef position (3) + delta eef rotation (3) + gripper (-1 open, +1 close)
 SETTLE_ACTION = np.array([0.0] * 6 + [-1.0])  # no motion, gripper open
 CAMERAS = ("agentview", "robot0_eye_in_hand")  # agentview first, as Observation.images expects
 
@@ -298,9 +297,7 @@ class LiberoEnv:
         """Apply one 7-dim action; done on success or when task.max_steps steps were taken."""
         if self._done:
             raise RuntimeError("step() called on a finished episode; call reset() first")
-        action = np.asarray(action, dtype=np.float64)
-        if action.shape != (ACTION_DIM,):
-            raise ValueError(f"action must have shape ({ACTION_DIM},), got {action.shape}")
+        action = check_action(action)
         raw, _, libero_done, _ = self._env.step(action)
         self._steps += 1
         success = bool(libero_done)  # LIBERO's done is exactly its success predicate

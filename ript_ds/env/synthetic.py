@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ript_ds.env.base import Observation, StepResult, TaskSpec
+from ript_ds.env.base import ACTION_DIM, Observation, StepResult, TaskSpec, check_action
 
 SUITE = "synthetic"
-ACTION_DIM = 7
 STATE_DIM = 8
 COLORS = ("red", "green", "blue")
 RGB = np.array([[230, 40, 40], [40, 200, 40], [50, 80, 240]], dtype=np.uint8)  # [3 targets, 3]
@@ -145,9 +144,7 @@ class SyntheticEnv:
     def step(self, action: np.ndarray) -> StepResult:
         if self._done:
             raise RuntimeError("step() after the episode ended; call reset() first")
-        action = np.asarray(action, dtype=np.float64)
-        if action.shape != (ACTION_DIM,):
-            raise ValueError(f"action must have shape ({ACTION_DIM},), got {action.shape}")
+        action = check_action(action)
         delta = np.clip(action[:2], -1.0, 1.0) * self.max_step
         if self.difficulty.action_noise > 0:
             delta = delta + self._rng.normal(0.0, self.difficulty.action_noise, size=2)

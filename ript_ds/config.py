@@ -26,6 +26,8 @@ class ConfigError(ValueError):
 class ModelCfg:
     checkpoint: str | None = None  # PI0 checkpoint directory (any supported layout); None = random init
     arch: Literal["pi0", "tiny"] = "tiny"  # sizes when no checkpoint is given
+    chunk_size: int = 8  # tiny arch only: actions per predicted chunk (PI0: 50)
+    image_size: int = 32  # tiny arch only: model image resolution (PI0: 224)
     tokenizer_path: str | None = (
         None  # PaliGemma tokenizer.model / tokenizer.json; None = tiny, built in code
     )
@@ -37,7 +39,7 @@ class ModelCfg:
 
 @dataclass
 class EnvCfg:
-    kind: Literal["synthetic", "libero"] = "synthetic"
+    kind: Literal["synthetic", "libero"] = "synthetic"  # which simulator
     suite: str = (
         "synthetic"  # libero_spatial | libero_object | libero_goal | libero_10 | libero_90 | synthetic
     )
@@ -62,11 +64,11 @@ class RiptCfg:
     rollouts_per_context: int = 8  # K
     groups_per_iteration: int = 4  # kept (mixed-outcome) groups wanted per iteration, all ranks together
     max_sampling_rounds: int = 8  # attempt cap of the smart sampler per iteration
-    loss: Literal["cfg", "awr", "fpo"] = "cfg"
+    loss: Literal["cfg", "awr", "fpo"] = "cfg"  # update objective (DESIGN section 3)
     cfg_alpha: float = 0.1  # weight of the unconditional flow-matching term
-    awr_beta: float = 1.0
-    awr_max_weight: float = 20.0
-    fpo_clip: float = 0.2
+    awr_beta: float = 1.0  # awr: temperature of the weights exp(A / beta)
+    awr_max_weight: float = 20.0  # awr: weights are clipped here
+    fpo_clip: float = 0.2  # fpo: PPO clip range of the likelihood-ratio proxy
     fpo_samples: int = 4  # (noise, time) samples per window for the FPO ratio
     skip_solved_after: int | None = None  # skip contexts whose last M rollouts all succeeded
     mixed_bonus: float = 0.0  # extra sampling weight for contexts with mixed history
@@ -74,38 +76,64 @@ class RiptCfg:
 
 @dataclass
 class TrainCfg:
-    iterations: int = 10
+    iterations: int = 10  # RIPT iterations (sample -> rollout -> update)
     epochs: int = 1  # passes over the iteration's windows
     micro_batch_size: int = 8  # windows per forward, per rank
-    grad_accum_steps: int = 1
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    seed: int = 0
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-5  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    warmup_steps: int = 0  # optimizer steps of linear warm-up
+    grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
+    seed: int = 0  # seeds the sampler, episode seeds and update draws
+    eval_every: int = 0  # evaluate on held-out init states every N iterations (0 = never)
     collective_timeout_s: float = 600.0  # a rank silent this long ends the job with an error
+
+
+# Projections that LoRA may wrap, by their module name inside a Gemma layer.
+LORA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraCfg:
+    enabled: bool = False  # when on, only the adapters (and optionally cond_embed) train
+    rank: int = 16  # r of the low-rank update
+    alpha: int = 32  # scaling = alpha / rank
+    dropout: float = 0.0  # dropout on the adapter input
+    target: Literal["both", "vlm", "expert"] = "both"  # stacks with adapters; expert = action expert
+    modules: list[str] = field(default_factory=lambda: list(LORA_PROJECTIONS))  # projections wrapped
+    train_cond_embed: bool = True  # the condition embedding trains too (the cfg objective needs it)
+
+
+@dataclass
+class EngineCfg:
+    deepspeed_config: str = "ds_configs/zero2.json"  # engine knobs; batch sizes / clipping come from train
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after train.warmup_steps of linear warm-up
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of train.lr
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW (beta1, beta2)
+    adam_eps: float = 1e-8  # AdamW epsilon
+    lora: LoraCfg = field(default_factory=LoraCfg)
 
 
 @dataclass
 class CkptCfg:
     every: int = 0  # save every N iterations (0 = only at the end and on signals)
-    keep_last: int = 2
+    keep_last: int = 2  # complete checkpoints kept (plus the best)
     resume: str = "auto"  # auto | none | PATH
-    allow_config_change: bool = False
+    allow_config_change: bool = False  # resume even if the config differs
 
 
 @dataclass
 class LogCfg:
-    wandb: bool = False
-    wandb_project: str = "ript-ds"
-    tensorboard: bool = False
-    level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
+    wandb: bool = False  # also log to Weights & Biases (offline unless configured)
+    wandb_project: str = "ript-ds"  # wandb project name
+    tensorboard: bool = False  # also write TensorBoard event files
+    level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"  # console log level (rank 0)
 
 
 @dataclass
 class ExperimentCfg:
-    run_name: str = "run"
-    output_dir: str = "runs"
+    run_name: str = "run"  # the run directory is output_dir/run_name
+    output_dir: str = "runs"  # parent of run directories
     model: ModelCfg = field(default_factory=ModelCfg)
     env: EnvCfg = field(default_factory=EnvCfg)
     rollout: RolloutCfg = field(default_factory=RolloutCfg)
@@ -113,6 +141,7 @@ class ExperimentCfg:
     train: TrainCfg = field(default_factory=TrainCfg)
     ckpt: CkptCfg = field(default_factory=CkptCfg)
     log: LogCfg = field(default_factory=LogCfg)
+    engine: EngineCfg = field(default_factory=EngineCfg)
 
     @property
     def run_dir(self) -> Path:
@@ -137,6 +166,9 @@ class ExperimentCfg:
             (0.0 <= self.env.difficulty <= 1.0, "env.difficulty must be in [0, 1]"),
             (len(self.env.task_ids) > 0, "env.task_ids must name at least one task"),
             (self.ckpt.keep_last >= 1, "ckpt.keep_last must be >= 1"),
+            (self.engine.lora.rank >= 1, "engine.lora.rank must be >= 1"),
+            (len(self.engine.adam_betas) == 2, "engine.adam_betas must be [beta1, beta2]"),
+            (0.0 <= self.engine.min_lr_ratio <= 1.0, "engine.min_lr_ratio must be in [0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -251,3 +283,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         _apply_override(data, item)
     return _build(ExperimentCfg, data, "").validate()
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Each field's `# comment` (anywhere in its statement, which the formatter may wrap): its doc."""
+    import ast
+    import inspect
+
+    source = inspect.getsource(cls)
+    lines = source.splitlines()
+    docs = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            text = " ".join(lines[node.lineno - 1 : node.end_lineno])
+            docs[node.target.id] = text.split("#", 1)[1].strip().rstrip(")").strip() if "#" in text else ""
+    return docs
+
+
+def describe_config(cls: type = ExperimentCfg, prefix: str = "", defaults: Any = None) -> str:
+    """Every config field as `section.key (type, default): doc`, for --help-config."""
+    defaults = cls() if defaults is None else defaults
+    hints, docs, lines = typing.get_type_hints(cls), _field_docs(cls), []
+    for name in _fields(cls):
+        value = getattr(defaults, name)
+        if dataclasses.is_dataclass(hints[name]):
+            lines.append(f"[{prefix}{name}]")
+            lines.append(describe_config(hints[name], f"{prefix}{name}.", value))
+        else:
+            lines.append(
+                f"  {prefix}{name} ({_type_name(hints[name])}, default {value!r}): {docs.get(name, '')}"
+            )
+    return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")

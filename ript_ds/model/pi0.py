@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -89,6 +90,16 @@ def attention_2d_mask(pad: Tensor, blocks: Tensor) -> Tensor:
 def additive_mask(mask_2d: Tensor) -> Tensor:
     """[B, Tq, Tk] bool -> [B, 1, Tq, Tk] float32 additive mask."""
     return torch.where(mask_2d[:, None], 0.0, ATTENTION_MASK_VALUE)
+
+
+def sample_noise_time(arch: PI0Arch, n: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+    """Training draws: noise ~ N(0, 1) [n, H, A] and time ~ Beta(1.5, 1) * 0.999 + 0.001 [n] (PI0's).
+
+    From a numpy Generator so the draws are the same on every device and replayable from a seed.
+    """
+    noise = rng.standard_normal((n, arch.chunk_size, arch.max_action_dim), dtype=np.float32)
+    time = (rng.beta(1.5, 1.0, size=n) * 0.999 + 0.001).astype(np.float32)
+    return torch.from_numpy(noise), torch.from_numpy(time)
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -276,6 +287,10 @@ class PI0Policy(nn.Module):
         x_t = t * noise + (1 - t) * batch.actions
         v_t = self.velocity(batch, x_t, time, cond)
         return F.mse_loss(noise - batch.actions, v_t, reduction="none")
+
+    def forward(self, batch: PI0Batch, noise: Tensor, time: Tensor, cond: Tensor | None = None) -> Tensor:
+        """= loss(); engines (DeepSpeed) call the module itself, so their forward hooks see the pass."""
+        return self.loss(batch, noise, time, cond)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

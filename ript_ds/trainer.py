@@ -1,0 +1,274 @@
+"""The RIPT trainer: every rank runs the same phases in lockstep (DESIGN section 2).
+
+    iterate() = sample contexts -> roll out K episodes each -> all-gather group outcomes -> keep
+                mixed groups (refill until the target or the attempt cap) -> RLOO advantages ->
+                windows -> update (same micro-step count on every rank) -> reduced metrics
+
+Ranks coordinate only through collectives in engine/dist.py (all_gather_object, all_reduce); the
+sampler's state is a deterministic function of the gathered outcomes, so it is identical everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import yaml
+
+from ript_ds.build import Components, build_components
+from ript_ds.config import ExperimentCfg
+from ript_ds.engine import dist
+from ript_ds.env.pool import EnvPool
+from ript_ds.metrics import MetricsWriter
+from ript_ds.rl.advantage import group_advantages
+from ript_ds.rl.rollout import RolloutRequest, collect, make_pi0_policy_fn
+from ript_ds.rl.sampler import SamplingPhase, SmartSampler
+from ript_ds.rl.types import Context, Episode, Group, Window
+from ript_ds.rl.update import UpdateCfg, UpdateStats, micro_batches_needed, run_update
+from ript_ds.rl.video import write_videos
+from ript_ds.rl.windows import episode_windows, groups_to_windows
+
+log = logging.getLogger(__name__)
+
+SEEDS_PER_RUN = 10_000_000  # episode seeds of run seed s are s * SEEDS_PER_RUN + global episode index
+
+
+@dataclass
+class PhaseResult:
+    """What one rank keeps from a sampling phase."""
+
+    kept: list[Group] = field(default_factory=list)  # this rank's mixed-outcome groups
+    episodes: list[Episode] = field(default_factory=list)  # every episode this rank rolled out
+    successes: int = 0  # over all ranks
+    episodes_total: int = 0  # over all ranks
+    env_steps: int = 0  # over all ranks
+    seconds: float = 0.0
+
+
+class Trainer:
+    """setup() -> run() -> close(); `iterate()` is one RIPT iteration."""
+
+    def __init__(self, cfg: ExperimentCfg, ds_config: str | None = None):
+        self.cfg = cfg
+        self.ds_config = ds_config
+        self.iteration = 0
+        self.episode_cursor = 0  # global count of episodes drawn so far: the source of episode seeds
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> Trainer:
+        cfg = self.cfg
+        dist.init_distributed(cfg.train.collective_timeout_s)
+        seed = cfg.train.seed + dist.rank()
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        self.engine = self._build_engine()
+        self.comp: Components = build_components(cfg, policy=self.engine.module)
+        self.sampler = SmartSampler(
+            self.comp.tasks,
+            cfg.ript.rollouts_per_context,
+            cfg.train.seed,
+            num_eval_init_states=cfg.env.num_eval_init_states,
+            skip_solved_after=cfg.ript.skip_solved_after,
+            mixed_bonus=cfg.ript.mixed_bonus,
+        )
+        self.pool = EnvPool(self.comp.env_factory, cfg.rollout.num_envs, timeout_s=cfg.rollout.step_timeout_s)
+        self.metrics = MetricsWriter(cfg.run_dir, dist.is_main())
+        if dist.is_main():
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.update_rng = np.random.default_rng([cfg.train.seed, dist.rank()])
+        return self
+
+    def _build_engine(self):
+        from ript_ds.build import build_policy
+        from ript_ds.engine.deepspeed import build_engine
+
+        return build_engine(lambda: build_policy(self.cfg)[0], self.cfg, self.ds_config)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> None:
+        try:
+            while self.iteration < self.cfg.train.iterations:
+                metrics = self.iterate()
+                self.metrics.log(self.iteration, metrics)
+                log.info(_summary(self.iteration, metrics))
+        finally:
+            self.close()
+
+    def iterate(self) -> dict[str, float]:
+        self.iteration += 1
+        start = time.perf_counter()
+        phase, result = self.sample_phase()
+        rollout_s = time.perf_counter() - start
+        stats = self.update_phase(result) if phase.should_update else None
+        metrics = self._metrics(phase, result, stats)
+        metrics |= {"time/rollout_s": rollout_s, "time/update_s": time.perf_counter() - start - rollout_s}
+        if self.cfg.train.eval_every and self.iteration % self.cfg.train.eval_every == 0:
+            metrics |= self.evaluate()
+        return metrics
+
+    # ------------------------------------------------------------------ phases
+    def _requests(self, contexts: list[Context]) -> list[RolloutRequest]:
+        """This rank's share of the round's contexts, K requests each, seeded by global position."""
+        rank, world, k = dist.rank(), dist.world_size(), self.cfg.ript.rollouts_per_context
+        tasks = {t.task_id: t for t in self.comp.tasks}
+        base = self.cfg.train.seed * SEEDS_PER_RUN + self.episode_cursor
+        requests = [
+            RolloutRequest(ctx, tasks[ctx.task_id], base + pos * k + j)
+            for pos, ctx in list(enumerate(contexts))[rank::world]
+            for j in range(k)
+        ]
+        self.episode_cursor += len(contexts) * k
+        return requests
+
+    def _rollout(self, requests: list[RolloutRequest], guidance: float | None) -> list[Episode]:
+        policy_fn = make_pi0_policy_fn(self.engine.module, self.comp.processor, guidance=guidance)
+        with self.engine.rollout_context():
+            return collect(policy_fn, self.pool, requests, self.cfg.rollout.replan_every).episodes
+
+    def sample_phase(self) -> tuple[SamplingPhase, PhaseResult]:
+        """Sample and roll out until enough mixed groups are kept (collective: call on every rank)."""
+        ript, k = self.cfg.ript, self.cfg.ript.rollouts_per_context
+        phase = self.sampler.start_phase(ript.groups_per_iteration, ript.max_sampling_rounds)
+        result = PhaseResult()
+        guidance = self.cfg.rollout.guidance if ript.loss == "cfg" else None
+        start = time.perf_counter()
+        while not phase.done:
+            contexts = self.sampler.next_contexts(phase.num_to_draw(dist.world_size()))
+            requests = self._requests(contexts)
+            episodes = self._rollout(requests, guidance)
+            groups = [Group(r.context, episodes[i : i + k]) for i, r in list(enumerate(requests))[::k]]
+            outcomes = [
+                o
+                for rank_outcomes in dist.all_gather_object([g.outcome() for g in groups])
+                for o in rank_outcomes
+            ]
+            phase.record(outcomes)
+            result.kept += self.sampler.filter(groups).kept
+            result.episodes += episodes
+        totals = dist.all_reduce_sum(
+            {
+                "successes": sum(ep.success for ep in result.episodes),
+                "episodes": len(result.episodes),
+                "env_steps": sum(ep.length for ep in result.episodes),
+            }
+        )
+        result.successes, result.episodes_total = int(totals["successes"]), int(totals["episodes"])
+        result.env_steps, result.seconds = int(totals["env_steps"]), time.perf_counter() - start
+        if self.cfg.rollout.videos_per_iteration and dist.is_main():
+            write_videos(
+                result.episodes,
+                self.cfg.run_dir / "videos",
+                self.cfg.rollout.videos_per_iteration,
+                prefix=f"it{self.iteration:05d}_",
+            )
+        return phase, result
+
+    def update_phase(self, result: PhaseResult) -> UpdateStats:
+        """RLOO -> windows -> run_update with the same micro-step count on every rank (collective)."""
+        cfg = self.cfg
+        chunk = self.engine.module.arch.chunk_size
+        windows: list[Window] = []
+        if result.kept:
+            windows = groups_to_windows(result.kept, group_advantages(result.kept), chunk)
+        counts = dist.all_gather_object(len(windows))
+        n_mb = max(micro_batches_needed(n, cfg.train.micro_batch_size) for n in counts)
+        padding = windows[0] if windows else _any_window(result.episodes, chunk)
+        update_cfg = UpdateCfg(
+            loss=cfg.ript.loss,
+            epochs=cfg.train.epochs,
+            micro_batch_size=cfg.train.micro_batch_size,
+            cfg_alpha=cfg.ript.cfg_alpha,
+            awr_beta=cfg.ript.awr_beta,
+            awr_max_weight=cfg.ript.awr_max_weight,
+            fpo_clip=cfg.ript.fpo_clip,
+            fpo_samples=cfg.ript.fpo_samples,
+            action_dim=self.comp.processor.action_dim,
+        )
+        self.engine.train()
+        stats = run_update(
+            self.engine,
+            self.engine.module.arch,
+            self.comp.processor,
+            windows,
+            self.comp.prompts,
+            update_cfg,
+            self.update_rng,
+            n_mb,
+            padding,
+        )
+        self.engine.eval()
+        return stats
+
+    def evaluate(self) -> dict[str, float]:
+        """One episode per held-out context, sharded over ranks; eval/success_rate (collective)."""
+        contexts = self.sampler.eval_contexts
+        if not contexts:
+            return {}
+        tasks = {t.task_id: t for t in self.comp.tasks}
+        rank, world = dist.rank(), dist.world_size()
+        requests = [RolloutRequest(c, tasks[c.task_id], 7 + i) for i, c in enumerate(contexts)][rank::world]
+        guidance = self.cfg.rollout.guidance if self.cfg.ript.loss == "cfg" else None
+        episodes = self._rollout(requests, guidance) if requests else []
+        totals = dist.all_reduce_sum({"s": sum(ep.success for ep in episodes), "n": len(episodes)})
+        return {"eval/success_rate": totals["s"] / max(totals["n"], 1), "eval/episodes": totals["n"]}
+
+    # ------------------------------------------------------------------ reporting
+    def _metrics(
+        self, phase: SamplingPhase, result: PhaseResult, stats: UpdateStats | None
+    ) -> dict[str, float]:
+        m: dict[str, float] = {
+            "rollout/success_rate": result.successes / max(result.episodes_total, 1),
+            "rollout/episodes": result.episodes_total,
+            "rollout/env_steps": result.env_steps,
+            "rollout/env_steps_per_s": result.env_steps / max(result.seconds, 1e-9),
+            **phase.stats().metrics(),
+            "train/skipped": float(stats is None),
+            "mem/peak_gb": self.engine.peak_memory_gb(),
+        }
+        if stats is not None:
+            reduced = dist.all_reduce_mean(
+                {
+                    "train/loss": stats.loss,
+                    "train/loss_cond": stats.loss_cond,
+                    "train/loss_uncond": stats.loss_uncond,
+                    "train/grad_norm": stats.grad_norm,
+                    **{f"train/{k}": v for k, v in stats.extra.items()},
+                }
+            )
+            m |= reduced | dist.all_reduce_sum({"train/windows": stats.windows})
+            m["train/lr"] = self.engine.lr
+        return m
+
+    def close(self) -> None:
+        if getattr(self, "pool", None) is not None:
+            self.pool.close()
+            self.pool = None
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+
+
+def _any_window(episodes: list[Episode], chunk: int) -> Window:
+    """A shape template for padding when this rank kept no group (advantage and weight 0)."""
+    for ep in episodes:
+        if not ep.crashed and ep.images.shape[0]:
+            return episode_windows(ep, 0.0, chunk)[0].as_padding()
+    raise RuntimeError("this rank rolled out no usable episode; cannot build a padding window")
+
+
+def _summary(iteration: int, m: dict[str, float]) -> str:
+    parts = [
+        f"it {iteration}",
+        f"success {m['rollout/success_rate']:.2f}",
+        f"kept {m.get('sampler/groups_kept', 0):.0f}/{m.get('sampler/groups_sampled', 0):.0f}",
+    ]
+    if "train/loss" in m:
+        parts.append(f"loss {m['train/loss']:.4f}")
+    if "eval/success_rate" in m:
+        parts.append(f"eval {m['eval/success_rate']:.2f}")
+    return " | ".join(parts)

@@ -14,12 +14,15 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
 from ript_ds.build import Components, build_components
+from ript_ds.ckpt.manager import CheckpointManager, TrainState, check_config, rng_state
+from ript_ds.ckpt.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
 from ript_ds.config import ExperimentCfg
 from ript_ds.engine import dist
 from ript_ds.env.pool import EnvPool
@@ -35,6 +38,10 @@ from ript_ds.rl.windows import episode_windows, groups_to_windows
 log = logging.getLogger(__name__)
 
 SEEDS_PER_RUN = 10_000_000  # episode seeds of run seed s are s * SEEDS_PER_RUN + global episode index
+
+
+class Preempted(Exception):
+    """Every rank agreed to stop for a preemption signal in the middle of a sampling phase."""
 
 
 @dataclass
@@ -82,7 +89,48 @@ class Trainer:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.update_rng = np.random.default_rng([cfg.train.seed, dist.rank()])
+        self.ckpt = CheckpointManager(
+            cfg.run_dir, cfg.ckpt.keep_last, dist.rank(), dist.world_size(), dist.barrier
+        )
+        self.preemption = PreemptionFlag()
+        self._resume()
         return self
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> TrainState:
+        return TrainState(
+            iteration=self.iteration,
+            episode_cursor=self.episode_cursor,
+            sampler=self.sampler.state_dict(),
+            update_rng=self.update_rng.bit_generator.state,
+            config=self.cfg.to_dict(),
+            wandb_run_id=self.metrics.wandb_run_id,
+        )
+
+    def _resume(self) -> None:
+        """--resume auto|PATH|none; rank 0 decides which checkpoint, every rank loads it."""
+        found = self.ckpt.resolve(self.cfg.ckpt.resume) if dist.is_main() else None
+        path = dist.broadcast_object(None if found is None else str(found))
+        if path is None:
+            return
+        state = self.ckpt.load(self.engine, Path(path))
+        check_config(state.config, self.cfg.to_dict(), self.cfg.ckpt.allow_config_change)
+        self.iteration, self.episode_cursor = state.iteration, state.episode_cursor
+        self.sampler.load_state_dict(state.sampler)
+        self.update_rng.bit_generator.state = state.update_rng
+        self.metrics.truncate_after(state.iteration)
+        log.info("resumed from %s at iteration %d", path, state.iteration)
+
+    def _stop_requested(self) -> bool:
+        """Did any rank get a preemption signal? (collective: call on every rank)"""
+        return dist.all_reduce_sum({"stop": float(self.preemption.requested)})["stop"] > 0
+
+    def _preempt(self, state: TrainState, rng: dict, metrics: dict[str, float]) -> None:
+        self.ckpt.save(self.engine, state, metrics, rng)
+        log.warning(
+            "preempted: saved iteration %d; exiting with code %d", state.iteration, PREEMPTED_EXIT_CODE
+        )
+        raise SystemExit(PREEMPTED_EXIT_CODE)
 
     def _build_engine(self):
         from ript_ds.build import build_policy
@@ -92,18 +140,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
+        """Iterate to train.iterations, checkpointing on schedule, at the end and on preemption."""
+        every = self.cfg.ckpt.every
         try:
             while self.iteration < self.cfg.train.iterations:
-                metrics = self.iterate()
+                # Snapshot before the iteration: a signal during sampling abandons the iteration (the
+                # model is untouched until the update), so this state resumes it exactly.
+                before, before_rng = self._state(), rng_state()
+                try:
+                    metrics = self.iterate()
+                except Preempted:
+                    self._preempt(before, before_rng, {})
                 self.metrics.log(self.iteration, metrics)
                 log.info(_summary(self.iteration, metrics))
+                last = self.iteration == self.cfg.train.iterations
+                if (every and self.iteration % every == 0) or last:
+                    self.ckpt.save(self.engine, self._state(), metrics)
+                if not last and self._stop_requested():
+                    self._preempt(self._state(), rng_state(), metrics)
         finally:
             self.close()
 
     def iterate(self) -> dict[str, float]:
-        self.iteration += 1
         start = time.perf_counter()
         phase, result = self.sample_phase()
+        self.iteration += 1
         rollout_s = time.perf_counter() - start
         stats = self.update_phase(result) if phase.should_update else None
         metrics = self._metrics(phase, result, stats)
@@ -151,6 +212,8 @@ class Trainer:
             phase.record(outcomes)
             result.kept += self.sampler.filter(groups).kept
             result.episodes += episodes
+            if self._stop_requested():
+                raise Preempted
         totals = dist.all_reduce_sum(
             {
                 "successes": sum(ep.success for ep in result.episodes),
@@ -251,6 +314,8 @@ class Trainer:
             self.pool = None
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
+        if getattr(self, "preemption", None) is not None:
+            self.preemption.restore()
 
 
 def _any_window(episodes: list[Episode], chunk: int) -> Window:

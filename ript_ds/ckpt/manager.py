@@ -1,0 +1,227 @@
+"""Training checkpoints that survive kill -9 and preemption, and resume exactly.
+
+Layout under `<run_dir>/checkpoints/`:
+
+    iter_000004/                 DeepSpeed's native files (module, optimizer, LR state per rank)
+        rng_rank{r}.json         python / numpy / torch RNG of rank r
+        COMPLETE                 written last by rank 0, after every rank finished: {iteration,
+                                 metrics, files: {relative path: size}}
+    latest                       the newest complete tag; replaced atomically after COMPLETE
+
+A tag without COMPLETE (killed while writing) or whose files no longer match COMPLETE's sizes is
+skipped with a warning, and the previous complete one is used. Retention keeps the newest `keep_last`
+complete tags plus the best by `rollout/success_rate` (or eval/success_rate when evaluated).
+The client state (iteration, sampler state, episode-seed cursor, update RNG, config and its hash,
+wandb run id) travels inside DeepSpeed's checkpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import pickle
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ript_ds.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+# Keys that may change between a run and its resume without affecting what is computed.
+RESUMABLE_CHANGES = (
+    "train.iterations",
+    "ckpt.",
+    "log.",
+    "run_name",
+    "output_dir",
+    "rollout.videos_per_iteration",
+)
+
+
+@dataclass
+class TrainState:
+    iteration: int
+    episode_cursor: int
+    sampler: dict[str, Any]
+    update_rng: dict[str, Any]
+    config: dict[str, Any]
+    wandb_run_id: str | None = None
+
+    def to_client_state(self) -> dict[str, Any]:
+        return {"ript_state": self.__dict__ | {"config_hash": config_hash(self.config)}}
+
+    @classmethod
+    def from_client_state(cls, client: dict[str, Any]) -> TrainState:
+        state = dict(client["ript_state"])
+        state.pop("config_hash", None)
+        return cls(**state)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    relevant = {k: v for k, v in flatten(config).items() if not k.startswith(RESUMABLE_CHANGES)}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_config(saved: dict[str, Any], current: dict[str, Any], allow: bool) -> None:
+    """Resuming with a changed config is an error listing the keys, unless explicitly allowed."""
+    a, b = flatten(saved), flatten(current)
+    changed = sorted(
+        k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)
+    )
+    if not changed:
+        return
+    detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:10])
+    if allow:
+        log.warning("resuming with a changed config (ckpt.allow_config_change): %s", detail)
+        return
+    raise ConfigError(
+        f"the checkpoint was trained with a different config ({detail}); "
+        "resume with the same config or set ckpt.allow_config_change=true"
+    )
+
+
+def rng_state() -> dict[str, Any]:
+    blob = pickle.dumps((random.getstate(), np.random.get_state(), torch.get_rng_state()))
+    return {"pickle_b64": base64.b64encode(blob).decode()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py, np_state, torch_state = pickle.loads(base64.b64decode(state["pickle_b64"]))
+    random.setstate(py)
+    np.random.set_state(np_state)
+    torch.set_rng_state(torch_state)
+
+
+def tag_for(iteration: int) -> str:
+    return f"iter_{iteration:06d}"
+
+
+class CheckpointManager:
+    """Owns `<run_dir>/checkpoints`. Methods marked "call on every rank" contain collectives."""
+
+    def __init__(self, run_dir: Path, keep_last: int, rank: int, world_size: int, barrier):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last, self.rank, self.world_size, self.barrier = keep_last, rank, world_size, barrier
+
+    # ------------------------------------------------------------------ saving
+    def save(self, engine, state: TrainState, metrics: dict[str, float], rng: dict | None = None) -> Path:
+        """Engine state + client state + per-rank RNG (`rng`, default: now), then COMPLETE and `latest`.
+        Call on every rank."""
+        tag = tag_for(state.iteration)
+        engine.save(self.root, tag, state.to_client_state())  # contains a barrier
+        directory = self.root / tag
+        (directory / f"rng_rank{self.rank}.json").write_text(json.dumps(rng or rng_state()))
+        self.barrier("checkpoint-written")
+        if self.rank == 0:
+            files = {
+                str(p.relative_to(directory)): p.stat().st_size
+                for p in sorted(directory.rglob("*"))
+                if p.is_file()
+            }
+            marker = {
+                "iteration": state.iteration,
+                "metrics": metrics,
+                "files": files,
+                "world_size": self.world_size,
+            }
+            _atomic_write(directory / COMPLETE, json.dumps(marker, indent=1))
+            _atomic_write(self.root / LATEST, tag)
+            self._retain()
+        self.barrier("checkpoint-complete")
+        log.info("saved checkpoint %s", directory)
+        return directory
+
+    def _retain(self) -> None:
+        complete = self.complete_tags()
+        best = max(complete, key=lambda t: _score(self.root / t), default=None)
+        for tag in complete[: -self.keep_last]:
+            if tag != best:
+                shutil.rmtree(self.root / tag, ignore_errors=True)
+        for partial in set(self.all_tags()) - set(complete):  # leftovers of killed saves
+            if partial < (complete[-1] if complete else ""):
+                shutil.rmtree(self.root / partial, ignore_errors=True)
+
+    # ------------------------------------------------------------------ finding
+    def all_tags(self) -> list[str]:
+        if not self.root.exists():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name.startswith("iter_"))
+
+    def complete_tags(self) -> list[str]:
+        return [t for t in self.all_tags() if self.is_complete(self.root / t)]
+
+    def is_complete(self, directory: Path) -> bool:
+        marker = directory / COMPLETE
+        if not marker.exists():
+            return False
+        try:
+            files = json.loads(marker.read_text())["files"]
+        except (json.JSONDecodeError, KeyError):
+            return False
+        return all(
+            (directory / f).exists() and (directory / f).stat().st_size == size for f, size in files.items()
+        )
+
+    def resolve(self, resume: str) -> Path | None:
+        """`auto` (newest complete checkpoint of this run, or None), `none`, or a checkpoint directory."""
+        if resume == "none":
+            return None
+        if resume != "auto":
+            path = Path(resume)
+            if not self.is_complete(path):
+                raise ConfigError(
+                    f"ckpt.resume={resume}: not a complete checkpoint directory (no valid {COMPLETE})"
+                )
+            return path
+        latest = self.root / LATEST
+        if latest.exists():
+            tag = latest.read_text().strip()
+            if self.is_complete(self.root / tag):
+                return self.root / tag
+            log.warning("checkpoint %s named by `latest` is partial or corrupt; using an earlier one", tag)
+        complete = self.complete_tags()
+        if self.all_tags() and complete and complete[-1] != self.all_tags()[-1]:
+            log.warning("skipping partial checkpoints after %s", complete[-1])
+        return self.root / complete[-1] if complete else None
+
+    def load(self, engine, path: Path) -> TrainState:
+        """Restore engine, client state and this rank's RNG. Call on every rank."""
+        client = engine.load(path.parent, path.name)
+        rng_file = path / f"rng_rank{self.rank}.json"
+        if rng_file.exists():
+            set_rng_state(json.loads(rng_file.read_text()))
+        else:
+            log.warning("%s has no RNG state for rank %d (world size changed?)", path, self.rank)
+        return TrainState.from_client_state(client)
+
+
+def _score(directory: Path) -> float:
+    metrics = json.loads((directory / COMPLETE).read_text()).get("metrics", {})
+    return metrics.get("eval/success_rate", metrics.get("rollout/success_rate", float("-inf")))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,149 @@
+"""Fault tolerance end to end: kill -9 + --resume auto reproduces an uninterrupted run metric for metric;
+SIGUSR1 saves and exits with the requeue code; partial checkpoints are skipped; config changes refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from ript_ds.ckpt.manager import COMPLETE, LATEST, CheckpointManager, check_config
+from ript_ds.ckpt.signals import PREEMPTED_EXIT_CODE
+from ript_ds.config import ConfigError, load_config
+
+pytestmark = pytest.mark.slow
+TRAIN = str(ROOT / "launch" / "train.py")
+DEBUG = str(ROOT / "launch" / "configs" / "debug.yaml")
+# Timing and memory differ between runs by nature; everything else must be identical.
+VOLATILE = ("time/", "rollout/env_steps_per_s", "mem/")
+
+
+def args(out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        TRAIN,
+        "--config",
+        DEBUG,
+        f"output_dir={out}",
+        "train.iterations=4",
+        "train.eval_every=2",
+        "ckpt.every=1",
+        *extra,
+    ]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "TORCH_EXTENSIONS_DIR": str(ROOT / ".torch_extensions"), "PYTHONWARNINGS": "ignore"}
+
+
+def metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"training ended early: {proc.stdout.read() if proc.stdout else ''}"
+        assert time.monotonic() < deadline, "timed out waiting for training progress"
+        time.sleep(0.05)
+
+
+def test_kill_9_and_resume_is_exact(tmp_path):
+    straight = subprocess.run(args(tmp_path / "a"), env=env(), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    reference = metrics(tmp_path / "a" / "debug")
+    assert [r["iteration"] for r in reference] == [1, 2, 3, 4]
+
+    run = tmp_path / "b" / "debug"
+    proc = subprocess.Popen(
+        args(tmp_path / "b"), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        # Iteration 2 saved (its COMPLETE marker is the last thing written), then into iteration 3.
+        wait_for(lambda: (run / "checkpoints" / "iter_000002" / COMPLETE).exists(), proc)
+        time.sleep(0.3)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (run / "checkpoints" / "iter_000004").exists()
+    resumed = subprocess.run(
+        args(tmp_path / "b", "ckpt.resume=auto"), env=env(), capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    assert metrics(run) == reference
+
+
+def test_sigusr1_saves_and_exits_with_requeue_code(tmp_path):
+    run = tmp_path / "debug"
+    proc = subprocess.Popen(
+        args(tmp_path, "train.iterations=50", "ckpt.every=0"),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 1,
+            proc,
+        )
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-2000:]
+    assert "preempted: saved iteration" in err
+    latest = (run / "checkpoints" / LATEST).read_text().strip()
+    assert (run / "checkpoints" / latest / COMPLETE).exists()
+    saved_iteration = json.loads((run / "checkpoints" / latest / COMPLETE).read_text())["iteration"]
+    assert saved_iteration >= 1
+    # The requeued job continues from there.
+    cont = subprocess.run(
+        args(tmp_path, f"train.iterations={saved_iteration + 1}", "ckpt.every=0"),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert cont.returncode == 0, cont.stderr[-2000:]
+    assert [r["iteration"] for r in metrics(run)][-1] == saved_iteration + 1
+
+
+def test_partial_and_corrupt_checkpoints_are_skipped(tmp_path, caplog):
+    manager = CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1, barrier=lambda _: None)
+    for it, sizes in ((1, b"x" * 10), (2, b"y" * 10)):
+        d = manager.root / f"iter_{it:06d}"
+        d.mkdir(parents=True)
+        (d / "model.pt").write_bytes(sizes)
+        (d / COMPLETE).write_text(json.dumps({"iteration": it, "metrics": {}, "files": {"model.pt": 10}}))
+    (manager.root / LATEST).write_text("iter_000002")
+    assert manager.resolve("auto") == manager.root / "iter_000002"
+    (manager.root / "iter_000002" / "model.pt").write_bytes(b"truncated")  # corrupt: size differs
+    (manager.root / "iter_000003").mkdir()  # partial: killed before COMPLETE
+    assert manager.resolve("auto") == manager.root / "iter_000001"
+    assert "partial or corrupt" in caplog.text
+    assert manager.resolve("none") is None
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        manager.resolve(str(manager.root / "iter_000003"))
+
+
+def test_changed_config_is_refused_unless_allowed():
+    a = load_config(DEBUG).to_dict()
+    b = load_config(DEBUG, ["train.lr=0.5", "ript.loss=awr", "train.iterations=99"]).to_dict()
+    with pytest.raises(ConfigError) as err:
+        check_config(a, b, allow=False)
+    assert "train.lr: 0.001 -> 0.5" in str(err.value) and "ript.loss: 'cfg' -> 'awr'" in str(err.value)
+    assert "iterations" not in str(err.value)  # extending a run is not a change
+    check_config(a, b, allow=True)

@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= libero,dev
+EXTRAS ?= libero,convert,dev
 PY_DIRS := ript_ds launch tools tests
 STAMP := $(VENV)/.installed-$(shell md5sum pyproject.toml | cut -c1-12)-$(EXTRAS)
 

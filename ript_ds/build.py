@@ -30,7 +30,7 @@ def build_tasks(cfg: ExperimentCfg) -> list[TaskSpec]:
     if env.kind == "synthetic":
         from ript_ds.env.synthetic import synthetic_tasks
 
-        all_tasks = synthetic_tasks(n_tasks=max(env.task_ids) + 1, max_steps=env.max_steps or 40)
+        all_tasks = synthetic_tasks(max(env.task_ids) + 1, env.synthetic_init_states, env.max_steps or 40)
     else:
         from ript_ds.env import libero
 
@@ -81,7 +81,9 @@ def build_policy(cfg: ExperimentCfg) -> tuple[PI0Policy, NormStats | None]:
     return loaded.policy, loaded.norm_stats
 
 
-def build_processor(cfg: ExperimentCfg, tasks: list[TaskSpec], norm_stats: NormStats | None) -> Processor:
+def build_processor(
+    cfg: ExperimentCfg, tasks: list[TaskSpec], norm_stats: NormStats | None, arch: PI0Arch
+) -> Processor:
     m = cfg.model
     if m.tokenizer_path is not None:
         tokenizer = PromptTokenizer(m.tokenizer_path, m.tokenizer_max_length)
@@ -95,7 +97,13 @@ def build_processor(cfg: ExperimentCfg, tasks: list[TaskSpec], norm_stats: NormS
         if cfg.env.kind == "libero" and cfg.model.checkpoint is not None:
             raise ConfigError("model.checkpoint has no normalization statistics; LIBERO needs them")
         norm_stats = NormStats.identity(STATE_DIM, ACTION_DIM)
-    return Processor(tokenizer, norm_stats, action_dim=ACTION_DIM)
+    return Processor(
+        tokenizer,
+        norm_stats,
+        ACTION_DIM,
+        max_state_dim=arch.max_state_dim,
+        max_action_dim=arch.max_action_dim,
+    )
 
 
 def build_env_factory(cfg: ExperimentCfg, arch: PI0Arch) -> EnvFactory:
@@ -115,5 +123,5 @@ def build_components(cfg: ExperimentCfg, policy: PI0Policy | None = None) -> Com
         from ript_ds.model.normalization import load_norm_stats
 
         norm_stats = load_norm_stats(cfg.model.checkpoint)
-    processor = build_processor(cfg, tasks, norm_stats)
+    processor = build_processor(cfg, tasks, norm_stats, policy.arch)
     return Components(tasks, policy, processor, build_env_factory(cfg, policy.arch))

@@ -47,6 +47,7 @@ class EnvCfg:
     camera_size: int = 256  # simulator render size before resize-with-pad to the model's image size
     num_eval_init_states: int = 0  # per task, held out from training for evaluation
     difficulty: float = 0.5  # synthetic env only
+    synthetic_init_states: int = 50  # synthetic env only: fixed init states per task
     max_steps: int | None = None  # override the suite's episode cap (tests, debugging)
 
 

@@ -143,6 +143,10 @@ class Trainer:
         """Iterate to train.iterations, checkpointing on schedule, at the end and on preemption."""
         every = self.cfg.ckpt.every
         try:
+            if self.cfg.train.eval_every and self.iteration == 0:
+                baseline = self.evaluate()  # iteration 0: the starting policy, for learning curves
+                self.metrics.log(0, baseline)
+                log.info("it 0 | eval %.2f", baseline.get("eval/success_rate", float("nan")))
             while self.iteration < self.cfg.train.iterations:
                 # Snapshot before the iteration: a signal during sampling abandons the iteration (the
                 # model is untouched until the update), so this state resumes it exactly.

@@ -1,0 +1,76 @@
+"""The synthetic learning check shared by the test, the benchmark and `make demo`.
+
+1. Warm start: a tiny PI0 behaviour-cloned on imperfect scripted demos (rl/bc.py), saved as a
+   canonical checkpoint with its tokenizer and normalization statistics.
+2. RIPT from that checkpoint through the real trainer (DeepSpeed engine), evaluated on held-out init
+   states every few iterations (eval/success_rate; iteration 0 is the warm start itself).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ript_ds.model.processing import PromptTokenizer, build_tiny_tokenizer
+from ript_ds.model.weights import save_canonical
+from ript_ds.rl.bc import SyntheticSetup, warm_start
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WarmStart:
+    checkpoint: Path  # canonical PI0 checkpoint (weights, arch, norm stats)
+    tokenizer: Path  # its tokenizer.model
+    setup: SyntheticSetup
+
+
+def prepare_warm_start(
+    directory: str | Path, seed: int = 0, setup: SyntheticSetup | None = None
+) -> WarmStart:
+    """Behaviour-clone and save; reuses a previous result in `directory` for the same seed."""
+    setup = setup or SyntheticSetup()
+    directory = Path(directory)
+    ckpt, tok = directory / f"bc_seed{seed}", directory / f"bc_seed{seed}" / "tokenizer.model"
+    if not (ckpt / "model.safetensors").exists():
+        policy, processor, _, losses = warm_start(seed, setup)
+        log.info("warm start: BC loss %.4f -> %.4f", losses[0], losses[-1])
+        save_canonical(policy, ckpt, processor.norm_stats)
+        # Same texts and settings as the BC tokenizer (whose temp file is gone): the same model.
+        tasks = setup.tasks()
+        build_tiny_tokenizer(ckpt, [t.instruction for t in tasks], vocab_size=setup.tokenizer_vocab)
+        rebuilt = PromptTokenizer(tok, setup.max_prompt_tokens)
+        for t in tasks:
+            if not (rebuilt.encode(t.instruction)[0] == processor.tokenizer.encode(t.instruction)[0]).all():
+                raise RuntimeError("the rebuilt tokenizer differs from the one BC used")
+    return WarmStart(ckpt, tok, setup)
+
+
+def ript_overrides(warm: WarmStart, iterations: int, loss: str = "cfg", eval_every: int = 2) -> list[str]:
+    """Config overrides (on top of launch/configs/demo.yaml's defaults) for RIPT from the warm start."""
+    s = warm.setup
+    held_out = s.num_init_states - s.train_init_states
+    return [
+        f"model.checkpoint={warm.checkpoint}",
+        f"model.tokenizer_path={warm.tokenizer}",
+        f"model.tokenizer_max_length={s.max_prompt_tokens}",
+        "env.kind=synthetic",
+        "env.suite=synthetic",
+        f"env.task_ids={','.join(str(i) for i in range(s.n_tasks))}",
+        f"env.synthetic_init_states={s.num_init_states}",
+        f"env.num_eval_init_states={held_out}",
+        f"env.max_steps={s.max_steps}",
+        f"env.difficulty={s.difficulty}",
+        f"rollout.replan_every={s.replan_every}",
+        f"ript.loss={loss}",
+        f"train.iterations={iterations}",
+        f"train.eval_every={eval_every}",
+    ]
+
+
+def set_threads(n: int = 1) -> None:
+    """Tiny models on a shared 2-core machine run fastest on one thread (measured in rl/bc.py)."""
+    torch.set_num_threads(n)

@@ -1,0 +1,431 @@
+"""Behaviour-cloning warm start on the synthetic env, and the one shared synthetic set-up.
+
+The CPU learning check (DESIGN: RIPT must raise success) needs a starting policy that is decent but
+not perfect: a tiny PI0 is cloned from ScriptedExpert demos in which a fraction `imperfection` of
+the episodes head for a wrong target for the whole episode, and the wrong-target behaviour is what
+RL must learn to drop. The clone succeeds less often than its demos: a Markov policy re-decides
+the target at every replanning step, so some episodes mix targets and stall in between.
+
+Measured with the defaults (one torch thread, 2 busy CPU cores; held-out init states 300-329 of
+each task): perfect demos give 0.98 success after 700 BC steps (~16 s) and 1.0 after 2000 (90
+episodes each); with 1500 steps (33-48 s), imperfection 0.5 gives 0.29-0.34 and 0.4 gives
+0.37-0.44 (seeds 0 and 1, 180 episodes each). The data size matters most: 80 training init states
+per task gave only ~0.78 even with perfect demos.
+
+`SyntheticSetup` holds every number (arch, env, tokenizer, norm stats, sampling) so the trainer,
+tests, the demo and the benchmark share one definition; `build_synthetic_setup` makes the objects.
+
+BC trains the unconditioned branch only (cond=None): the condition embedding stays at its zero
+init, so after BC both CFG branches are the same network, exactly like a pretrained PI0 at step 0.
+
+Evaluation runs the synthetic envs in-process (`InlinePool`, the EnvPool command interface without
+worker processes) through rollout.collect: spawning workers costs ~1 s each, far more than a whole
+evaluation of the tiny model, and the numpy env gains nothing from a second process on 2 cores.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ript_ds.env.base import ACTION_DIM, TaskSpec
+from ript_ds.env.pool import SlotReply
+from ript_ds.env.synthetic import STATE_DIM, ScriptedExpert, SyntheticEnv, synthetic_tasks
+from ript_ds.model.arch import GemmaArch, PI0Arch, VisionArch
+from ript_ds.model.normalization import FeatureStats, NormStats
+from ript_ds.model.pi0 import PI0Batch, PI0Policy, reduce_loss
+from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
+from ript_ds.rl.rollout import RolloutRequest, RolloutResult, collect, make_pi0_policy_fn
+from ript_ds.rl.types import Context, Episode, TrainBatch, Window
+from ript_ds.rl.windows import episode_windows
+
+logger = logging.getLogger(__name__)
+
+IDLE_ACTION = 1e-4  # an expert action below this (velocity units) means "arrived, standing still"
+
+
+@dataclass(frozen=True)
+class SyntheticSetup:
+    """Every setting of the synthetic learning check, chosen so BC + RL run in minutes on 2 CPU cores."""
+
+    # env
+    n_tasks: int = 3  # one per target colour: the instruction is the only thing that says which
+    num_init_states: int = 330  # per task; BC demos use the first `train_init_states`, eval the rest
+    train_init_states: int = 300  # init states [0, train_init_states) are for training, the rest held out
+    max_steps: int = 40  # env steps per episode
+    difficulty: float = 0.0  # synthetic env difficulty (success radius, actuation noise)
+    image_size: int = 32
+    # policy
+    chunk_size: int = 10  # H
+    replan_every: int = 5  # actions executed per chunk
+    num_inference_steps: int = 4  # denoising steps per chunk when sampling
+    vlm_width: int = 64
+    expert_width: int = 64
+    depth: int = 2
+    vision_width: int = 32
+    patch_size: int = 16  # 2 x 2 tokens per 32 px camera: the state carries the geometry
+    tokenizer_vocab: int = 64
+    max_prompt_tokens: int = 12
+    state_mean: float = 0.5  # state normalization: positions in [0, 1] -> about [-1.7, 1.7]
+    state_std: float = 0.3
+    extra_env_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. max_step
+    # behaviour-cloning warm start (measured: see tests/test_rl_bc.py and the module docstring)
+    expert_imperfection: float = 0.4  # share of demos that head for a wrong target
+    bc_steps: int = 1500  # ~35 s on one CPU thread
+    bc_micro_batch: int = 32
+    bc_lr: float = 3e-3
+
+    def arch(self) -> PI0Arch:
+        heads = dict(num_heads=4, num_kv_heads=1, head_dim=16)
+        return PI0Arch(
+            vlm=GemmaArch(width=self.vlm_width, depth=self.depth, mlp_dim=2 * self.vlm_width, **heads),
+            expert=GemmaArch(
+                width=self.expert_width, depth=self.depth, mlp_dim=2 * self.expert_width, **heads
+            ),
+            vision=VisionArch(
+                width=self.vision_width,
+                depth=2,
+                mlp_dim=2 * self.vision_width,
+                num_heads=2,
+                patch_size=self.patch_size,
+                image_size=self.image_size,
+            ),
+            vocab_size=self.tokenizer_vocab,
+            chunk_size=self.chunk_size,
+            max_state_dim=STATE_DIM,
+            max_action_dim=ACTION_DIM,
+            num_inference_steps=self.num_inference_steps,
+        )
+
+    def tasks(self) -> list[TaskSpec]:
+        return synthetic_tasks(self.n_tasks, self.num_init_states, self.max_steps)
+
+    def env_kwargs(self) -> dict[str, Any]:
+        """SyntheticEnv keyword arguments (also EnvFactory("synthetic", setup.env_kwargs()))."""
+        return {"image_size": self.image_size, "difficulty": self.difficulty, **self.extra_env_kwargs}
+
+    def norm_stats(self) -> NormStats:
+        # Expert actions already lie in [-1, 1]; dims 2-6 are always 0, so identity suits them.
+        return NormStats(
+            state=FeatureStats(
+                mean=np.full(STATE_DIM, self.state_mean), std=np.full(STATE_DIM, self.state_std)
+            ),
+            actions=FeatureStats(mean=np.zeros(ACTION_DIM), std=np.ones(ACTION_DIM)),
+        )
+
+    @property
+    def train_states(self) -> list[int]:
+        return list(range(self.train_init_states))
+
+    @property
+    def heldout_states(self) -> list[int]:
+        return list(range(self.train_init_states, self.num_init_states))
+
+
+def build_synthetic_setup(
+    seed: int, setup: SyntheticSetup | None = None
+) -> tuple[PI0Policy, Processor, list[TaskSpec]]:
+    """A freshly initialised tiny PI0 (seeded), its processor (tiny tokenizer, fixed norm stats), the tasks."""
+    setup = setup or SyntheticSetup()
+    tasks = setup.tasks()
+    with tempfile.TemporaryDirectory() as tmp:  # the tokenizer reads its model file once, at load
+        path = build_tiny_tokenizer(tmp, [t.instruction for t in tasks], vocab_size=setup.tokenizer_vocab)
+        tokenizer = PromptTokenizer(path, max_length=setup.max_prompt_tokens)
+    if tokenizer.vocab_size > setup.tokenizer_vocab:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces > arch vocab {setup.tokenizer_vocab}")
+    torch.manual_seed(seed)
+    policy = PI0Policy(setup.arch())
+    processor = Processor(
+        tokenizer=tokenizer,
+        norm_stats=setup.norm_stats(),
+        action_dim=ACTION_DIM,
+        max_state_dim=STATE_DIM,
+        max_action_dim=ACTION_DIM,
+    )
+    return policy, processor, tasks
+
+
+# ---------------------------------------------------------------------------- demonstrations
+def collect_demos(
+    tasks: Sequence[TaskSpec],
+    expert_imperfection: float,
+    episodes_per_task: int,
+    seed: int,
+    init_states: Sequence[int] | None = None,
+    replan_every: int = 5,
+    env_kwargs: dict[str, Any] | None = None,
+    expert_noise: float = 0.0,
+    stop_at_goal: bool = True,
+) -> list[Episode]:
+    """ScriptedExpert episodes in the rollout Episode format (observation per replan step, all actions).
+
+    Episode i of a task starts from init state init_states[i % len(init_states)] (default: all of
+    the task's states) with reset seed `seed * 100_003 + task_id * 10_007 + i`. At each replanning
+    step the expert plans an open-loop chunk of `replan_every` actions, as the policy would.
+    With `stop_at_goal` a wrong-target demo ends (unsuccessfully) once the expert stands at its goal.
+    """
+    env_kwargs = env_kwargs or {}
+    expert = ScriptedExpert(imperfection=expert_imperfection, noise=expert_noise, seed=seed)
+    demos = []
+    for task in tasks:
+        env = SyntheticEnv(task, **env_kwargs)
+        starts = list(init_states) if init_states is not None else list(range(task.num_init_states))
+        for i in range(episodes_per_task):
+            context = Context(task.task_id, starts[i % len(starts)])
+            ep_seed = seed * 100_003 + task.task_id * 10_007 + i
+            demos.append(_expert_episode(env, expert, task, context, ep_seed, replan_every, stop_at_goal))
+        env.close()
+    return demos
+
+
+def _at_any_target(state: np.ndarray, radius: float) -> bool:
+    targets = state[2:].reshape(-1, 2)  # [3, 2]
+    return bool((np.linalg.norm(targets - state[:2], axis=1) < radius).any())
+
+
+def _expert_episode(
+    env: SyntheticEnv,
+    expert: ScriptedExpert,
+    task: TaskSpec,
+    context: Context,
+    seed: int,
+    replan: int,
+    stop_at_goal: bool,
+) -> Episode:
+    obs = env.reset(context.init_state_idx, seed)
+    expert.reset(task)
+    images, states, actions, replan_steps = [], [], [], []
+    success, done = False, False
+    while not done:
+        images.append(obs.images)
+        states.append(obs.state)
+        replan_steps.append(len(actions))
+        for action in expert.chunk(obs.state, replan):
+            # The demonstrator ends its recording once it stands still at its goal, right or wrong
+            # (as a human would); otherwise a wrong-target demo idles there to max_steps and its zero
+            # actions swamp the data (a success gives ~2 windows, an idling failure ~8). The expert's
+            # open-loop plan lands exactly on its goal, then plans zeros; with expert noise it never
+            # stands still and demos run to max_steps as before.
+            if (
+                stop_at_goal
+                and np.abs(action[:2]).max() < IDLE_ACTION
+                and _at_any_target(obs.state, env.radius)
+            ):
+                done = True
+                break
+            result = env.step(action)
+            actions.append(action)
+            obs, success, done = result.obs, result.success, result.done
+            if done:
+                break
+    if replan_steps[-1] == len(actions):  # stopped before acting on the last observation: drop it
+        del images[-1], states[-1], replan_steps[-1]
+    return Episode(
+        context=context,
+        seed=seed,
+        images=np.stack(images),
+        states=np.stack(states).astype(np.float32),
+        actions=np.array(actions, dtype=np.float32),
+        replan_steps=np.array(replan_steps, dtype=np.int64),
+        success=success,
+        length=len(actions),
+    )
+
+
+# ---------------------------------------------------------------------------- behaviour cloning
+def sample_time(generator: torch.Generator, n: int) -> torch.Tensor:
+    """PI0's flow-matching time distribution: Beta(1.5, 1) * 0.999 + 0.001, drawn from `generator`.
+
+    Beta(a, 1) has CDF x^a, so inverse-CDF sampling needs only a uniform: x = u^(1/a).  -> [n]
+    """
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    return (u ** (1.0 / 1.5) * 0.999 + 0.001).to(torch.float32)
+
+
+def windows_to_batch(
+    processor: Processor, windows: Sequence[Window], tasks: Sequence[TaskSpec]
+) -> tuple[PI0Batch, torch.Tensor]:
+    """Windows -> (PI0Batch with normalized actions, step mask [B, H])."""
+    tb = TrainBatch.from_windows(windows)
+    prompts = [tasks[int(t)].instruction for t in tb.task_ids]
+    batch = processor.batch(tb.images.numpy(), tb.states.numpy(), prompts, actions=tb.actions.numpy())
+    return batch, tb.action_mask
+
+
+def behaviour_clone(
+    policy: PI0Policy,
+    processor: Processor,
+    episodes: Sequence[Episode],
+    steps: int,
+    micro_batch: int,
+    lr: float,
+    seed: int,
+    tasks: Sequence[TaskSpec] | None = None,
+    weight_decay: float = 0.0,
+) -> list[float]:
+    """AdamW on the flow-matching loss over every window of `episodes`; returns the loss per step.
+
+    Windows are drawn without replacement (reshuffled each pass) from a seeded generator, which
+    also draws the noise and the time. `tasks` maps task ids to instructions (default: the
+    synthetic tasks numbered like the episodes' contexts). cond=None (see the module docstring).
+    """
+    chunk = policy.arch.chunk_size
+    windows = [w for ep in episodes for w in episode_windows(ep, 0.0, chunk)]
+    if not windows:
+        raise ValueError("behaviour_clone: the episodes hold no windows")
+    if tasks is None:
+        tasks = synthetic_tasks(max(ep.context.task_id for ep in episodes) + 1, 1)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=weight_decay)
+    # Linear warm-up over 5% of the steps, then cosine decay to 0, which sharpens the end-point
+    # precision the synthetic env's small success radius needs.
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
+    )
+    arch = policy.arch
+    policy.train()
+    losses, order, cursor = [], torch.empty(0, dtype=torch.long), 0
+    start = time.perf_counter()
+    for step in range(steps):
+        if cursor + micro_batch > len(order):
+            order, cursor = torch.randperm(len(windows), generator=gen), 0
+        idx = order[cursor : cursor + micro_batch].tolist()
+        cursor += micro_batch
+        batch, mask = windows_to_batch(processor, [windows[i] for i in idx], tasks)
+        noise = torch.randn(len(idx), chunk, arch.max_action_dim, generator=gen)
+        t = sample_time(gen, len(idx))
+        loss = reduce_loss(policy.loss(batch, noise, t), mask, processor.action_dim).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % max(1, steps // 5) == 0:
+            logger.info(
+                "bc step %d/%d loss %.4f (%.1f s)", step + 1, steps, losses[-1], time.perf_counter() - start
+            )
+    policy.eval()
+    return losses
+
+
+def warm_start(
+    seed: int, setup: SyntheticSetup | None = None
+) -> tuple[PI0Policy, Processor, list[TaskSpec], list[float]]:
+    """build_synthetic_setup + demos (setup.expert_imperfection, one per training init state) + BC."""
+    setup = setup or SyntheticSetup()
+    policy, processor, tasks = build_synthetic_setup(seed, setup)
+    demos = collect_demos(
+        tasks,
+        setup.expert_imperfection,
+        setup.train_init_states,
+        seed,
+        init_states=setup.train_states,
+        replan_every=setup.replan_every,
+        env_kwargs=setup.env_kwargs(),
+    )
+    logger.info("bc: %d demos, %.2f successful", len(demos), np.mean([ep.success for ep in demos]))
+    losses = behaviour_clone(
+        policy, processor, demos, setup.bc_steps, setup.bc_micro_batch, setup.bc_lr, seed, tasks
+    )
+    return policy, processor, tasks, losses
+
+
+# ---------------------------------------------------------------------------- evaluation
+class InlinePool:
+    """EnvPool's driver interface (send_reset / send_step / gather) over in-process synthetic envs."""
+
+    def __init__(self, num_workers: int, env_kwargs: dict[str, Any] | None = None) -> None:
+        self.env_kwargs = env_kwargs or {}
+        self._templates: dict[TaskSpec, SyntheticEnv] = {}
+        self._envs: list[dict[TaskSpec, SyntheticEnv]] = [{} for _ in range(num_workers)]
+        self._current: list[SyntheticEnv | None] = [None] * num_workers
+        self._replies: dict[int, SlotReply] = {}
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._envs)
+
+    def send_reset(self, slot: int, task: TaskSpec, init_state_idx: int, seed: int) -> None:
+        if task not in self._envs[slot]:
+            # Building an env generates its init states (~70 ms for 330 states); copy one per task.
+            if task not in self._templates:
+                self._templates[task] = SyntheticEnv(task, **self.env_kwargs)
+            self._envs[slot][task] = copy.deepcopy(self._templates[task])
+        env = self._current[slot] = self._envs[slot][task]
+        self._replies[slot] = SlotReply(env.reset(init_state_idx, seed), 0, False, False)
+
+    def send_step(self, slot: int, actions: np.ndarray) -> None:
+        env, executed, result = self._current[slot], 0, None
+        for action in np.asarray(actions, dtype=np.float32):
+            result = env.step(action)
+            executed += 1
+            if result.done:
+                break
+        self._replies[slot] = SlotReply(result.obs, executed, result.success, result.done)
+
+    def gather(self) -> dict[int, SlotReply]:
+        replies, self._replies = self._replies, {}
+        return replies
+
+
+def rollout_inline(
+    policy: PI0Policy,
+    processor: Processor,
+    requests: Sequence[RolloutRequest],
+    num_envs: int,
+    replan_every: int,
+    env_kwargs: dict[str, Any] | None = None,
+    num_steps: int | None = None,
+    guidance: float | None = None,
+) -> RolloutResult:
+    """rollout.collect with the PI0 policy on `num_envs` in-process synthetic envs."""
+    fn = make_pi0_policy_fn(policy.eval(), processor, num_steps=num_steps, guidance=guidance)
+    return collect(fn, InlinePool(num_envs, env_kwargs), requests, replan_every=replan_every)
+
+
+def evaluate(
+    policy: PI0Policy,
+    processor: Processor,
+    tasks: Sequence[TaskSpec],
+    init_state_indices: Sequence[int],
+    seed: int,
+    num_envs: int = 1,
+    guidance: float | None = None,
+    setup: SyntheticSetup | None = None,
+) -> float:
+    """Success rate of one episode per (task, init state), seeds `seed + i`; settings from `setup`."""
+    setup = setup or SyntheticSetup()
+    requests = [
+        RolloutRequest(Context(task.task_id, s), task, seed + i)
+        for i, (task, s) in enumerate((t, s) for t in tasks for s in init_state_indices)
+    ]
+    result = rollout_inline(
+        policy,
+        processor,
+        requests,
+        num_envs,
+        setup.replan_every,
+        setup.env_kwargs(),
+        setup.num_inference_steps,
+        guidance,
+    )
+    st = result.stats
+    logger.info(
+        "eval: %d episodes, success %.3f, %d env steps in %.1f s (%.0f steps/s)",
+        st.episodes,
+        st.success_rate,
+        st.env_steps,
+        st.seconds,
+        st.env_steps_per_s,
+    )
+    return st.success_rate

@@ -1,0 +1,112 @@
+"""Convert an openpi JAX PI0 checkpoint (orbax `params/`) to our canonical layout (and lerobot >= 0.4).
+
+    python tools/convert_openpi_jax.py CHECKPOINT_DIR --out DIR [--lerobot-out DIR]
+        [--norm-stats assets/<id>/norm_stats.json] [--chunk-size 50]
+
+CHECKPOINT_DIR is the folder that contains `params/` (a released checkpoint, or a training step folder
+whose keys end in `/value`). Normalization statistics come from --norm-stats (a norm_stats.json or a
+folder holding one) or from CHECKPOINT_DIR/assets/*/norm_stats.json. Sizes are read from the array
+shapes; the chunk size (action horizon) is not stored in the weights (pi0: 50).
+Needs the `convert` extra (jax, orbax-checkpoint, tensorstore). Exits 2 on unusable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+class ConvertError(ValueError):
+    pass
+
+
+def read_orbax_params(params_dir: Path) -> dict:
+    """The flat '/'-joined parameter dict of an orbax PyTree checkpoint, as numpy arrays."""
+    try:
+        import jax
+        import numpy as np
+        import orbax.checkpoint as ocp
+    except ImportError as err:
+        raise ConvertError(
+            f"reading openpi JAX checkpoints needs jax and orbax ({err.name} is missing): "
+            "pip install -e '.[convert]'"
+        ) from None
+    from ript_ds.model.openpi_jax import flatten_tree
+
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            metadata = ckptr.metadata(str(params_dir.resolve()))
+            tree = getattr(metadata, "item_metadata", metadata)  # newer orbax wraps it in StepMetadata
+            restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), tree)
+            restored = ckptr.restore(
+                str(params_dir.resolve()), ocp.args.PyTreeRestore(item=tree, restore_args=restore_args)
+            )
+    except Exception as err:  # orbax / tensorstore raise many kinds; report one line
+        raise ConvertError(f"orbax could not read {params_dir}: {type(err).__name__}: {err}") from None
+    return flatten_tree(dict(restored))
+
+
+def find_params(checkpoint: Path) -> Path:
+    if not checkpoint.is_dir():
+        raise ConvertError(f"checkpoint directory {checkpoint} does not exist")
+    for cand in (checkpoint / "params", checkpoint):
+        if (cand / "_METADATA").is_file() or (cand / "manifest.ocdbt").is_file():
+            return cand
+    raise ConvertError(f"{checkpoint} has no orbax params/ folder; pass the folder that contains params/")
+
+
+def convert(args: argparse.Namespace) -> dict:
+    from ript_ds.ckpt.export import save_lerobot
+    from ript_ds.model.normalization import load_norm_stats
+    from ript_ds.model.openpi_jax import arch_from_params, normalize_keys, to_canonical_openpi
+    from ript_ds.model.pi0 import PI0Policy
+    from ript_ds.model.weights import load_into, save_canonical
+
+    params_dir = find_params(args.checkpoint)
+    flat = normalize_keys(read_orbax_params(params_dir))
+    arch = arch_from_params(flat, chunk_size=args.chunk_size)
+    policy = PI0Policy(arch)
+    load_into(policy, to_canonical_openpi(flat), source=f"openpi JAX checkpoint {params_dir}")
+    stats_src = args.norm_stats or args.checkpoint
+    if args.norm_stats is not None and args.norm_stats.is_file():
+        stats_src = args.norm_stats.parent
+    stats = load_norm_stats(stats_src)
+    if args.norm_stats is not None and stats is None:
+        raise ConvertError(f"--norm-stats {args.norm_stats}: no norm_stats.json found there")
+    save_canonical(policy, args.out, stats)
+    if args.lerobot_out is not None:
+        save_lerobot(policy, args.lerobot_out, stats)
+    return {
+        "out": str(args.out),
+        "lerobot_out": None if args.lerobot_out is None else str(args.lerobot_out),
+        "parameters": sum(p.numel() for p in policy.parameters()),
+        "norm_stats": None if stats is None else stats.source,
+        "arch": arch.to_dict(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoint", type=Path, help="folder containing the orbax params/ folder")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (canonical layout)")
+    parser.add_argument("--lerobot-out", type=Path, help="also write the lerobot >= 0.4 layout here")
+    parser.add_argument("--norm-stats", type=Path, help="norm_stats.json (or a folder holding one)")
+    parser.add_argument("--chunk-size", type=int, default=50, help="action horizon (not in the weights)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = convert(args)
+    except (ConvertError, ValueError, KeyError, OSError) as err:
+        print(f"convert_openpi_jax: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

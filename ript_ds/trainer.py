@@ -10,6 +10,8 @@ sampler's state is a deterministic function of the gathered outcomes, so it is i
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import time
@@ -225,6 +227,7 @@ class Trainer:
                 "env_steps": sum(ep.length for ep in result.episodes),
             }
         )
+        self._check_sampler_in_sync()
         result.successes, result.episodes_total = int(totals["successes"]), int(totals["episodes"])
         result.env_steps, result.seconds = int(totals["env_steps"]), time.perf_counter() - start
         if self.cfg.rollout.videos_per_iteration and dist.is_main():
@@ -235,6 +238,15 @@ class Trainer:
                 prefix=f"it{self.iteration:05d}_",
             )
         return phase, result
+
+    def _check_sampler_in_sync(self) -> None:
+        """Every rank must hold the same sampler state (it decides the next contexts); a cheap hash
+        comparison turns a silent divergence into an immediate error (collective)."""
+        digest = hashlib.sha256(json.dumps(self.sampler.state_dict(), sort_keys=True).encode()).hexdigest()
+        digests = dist.all_gather_object(digest)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"sampler state diverged across ranks: {digests}")
+        self.sampler_digest = digest
 
     def update_phase(self, result: PhaseResult) -> UpdateStats:
         """RLOO -> windows -> run_update with the same micro-step count on every rank (collective)."""

@@ -8,8 +8,6 @@ mp_rank_00_model_states.pt is used. Names are those of the wrapped module (with 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -78,11 +76,9 @@ def fp32_state_dict(tag_dir: str | Path) -> tuple[dict[str, Tensor], dict[str, A
     # Below ZeRO-3 the module state holds real (possibly lower-precision) tensors: a base to override.
     state = {k: v.float() for k, v in module.items() if isinstance(v, Tensor) and v.numel() > 0}
     if any(tag_dir.glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from ript_ds.engine.deepspeed import zero_fp32_state_dict  # the one module importing deepspeed
 
-        # zero_to_fp32 prints progress (stdout) and progress bars (stderr): keep tool output clean.
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            fp32 = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        fp32 = zero_fp32_state_dict(tag_dir)
         state.update({k: v.detach().to(torch.float32) for k, v in fp32.items()})
     elif zero_stage(states) == 3:
         raise FileNotFoundError(f"{tag_dir}: ZeRO-3 checkpoint without its *optim_states.pt partitions")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -496,3 +497,12 @@ def all_params_gathered(module: nn.Module) -> bool:
         getattr(p, "ds_status", ZeroParamStatus.AVAILABLE) == ZeroParamStatus.AVAILABLE
         for p in module.parameters()
     )
+
+
+def zero_fp32_state_dict(tag_dir: Path) -> dict[str, Tensor]:
+    """Consolidated fp32 weights of a ZeRO checkpoint tag (DeepSpeed's zero_to_fp32), quietly."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # zero_to_fp32 prints progress (stdout) and progress bars (stderr): keep tool output clean.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)

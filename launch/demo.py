@@ -1,68 +1,112 @@
-"""`make demo`: the model demo on the built-in default (tiny PI0 on CPU), until training lands here.
+"""`make demo`: the main job on the built-in default, end to end on a CPU machine.
 
-Builds a tiny PI0 with a tokenizer made in code, turns an observation into a batch, samples a chunk
-with and without guidance, saves and reloads the canonical checkpoint, and checks parity with the
-lerobot reference fixture when ../shared/fixtures is present.
+1. warm start: a tiny PI0 behaviour-cloned on imperfect scripted demos of the synthetic env;
+2. RIPT from it with launch/configs/demo.yaml through the real DeepSpeed engine (2 ranks via torchrun
+   when the machine has 2 cores), checkpointing as it goes;
+3. a short evaluation of the trained checkpoint on one real LIBERO task, with a video (the tiny
+   synthetic-trained model does not solve LIBERO: this shows the protocol and the plumbing);
+4. the metrics plot; then it prints where everything is.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from ript_ds.model.arch import PI0Arch
-from ript_ds.model.normalization import NormStats
-from ript_ds.model.pi0 import PI0Policy, count_parameters
-from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
-from ript_ds.model.weights import load_checkpoint, save_canonical
-
-log = logging.getLogger("demo")
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "pick up the black bowl between the plate and the ramekin and place it on the plate"
+log = logging.getLogger("demo")
+
+
+def run(cmd: list[str]) -> None:
+    log.info("$ %s", " ".join(cmd))
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")),
+    }
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.manual_seed(0)
-    out = Path(tempfile.mkdtemp(prefix="ript_demo_"))
-    arch = PI0Arch.tiny(chunk_size=50, image_size=224)
-    policy = PI0Policy(arch).eval()
-    log.info("tiny PI0: %d parameters (the real one has 3.24 B)", count_parameters(policy))
-    tok = PromptTokenizer(build_tiny_tokenizer(out / "tokenizer", [PROMPT]), max_length=48)
-    proc = Processor(tok, NormStats.identity(8, 7), action_dim=7, camera_slots=3)
-    images = np.random.default_rng(0).integers(0, 255, (1, 2, 224, 224, 3), dtype=np.uint8)
-    batch = proc.batch(images, np.zeros((1, 8), np.float32), [PROMPT])
-    noise = torch.randn(1, arch.chunk_size, arch.max_action_dim)
-    actions = proc.decode_actions(policy.sample_actions(batch, noise))
-    log.info("sampled a %s chunk of env actions; first: %s", actions.shape[1:], np.round(actions[0, 0], 3))
-    guided = policy.sample_actions(batch, noise, guidance=1.5)
-    log.info(
-        "guidance w=1.5 with the zero condition embedding changes nothing: %s",
-        torch.equal(guided, policy.sample_actions(batch, noise)),
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ckpt = save_canonical(policy, out / "checkpoint", proc.norm_stats)
-    reloaded = load_checkpoint(ckpt).policy.eval()
-    log.info(
-        "checkpoint round trip exact: %s",
-        torch.equal(reloaded.sample_actions(batch, noise), policy.sample_actions(batch, noise)),
+    parser.add_argument("--out", default="runs", help="output directory (the run is OUT/demo)")
+    parser.add_argument("--iterations", type=int, default=15)
+    parser.add_argument("--ranks", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--skip-libero", action="store_true", help="no LIBERO evaluation (no renderer)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from ript_ds.learning import prepare_warm_start, ript_overrides, set_threads
+
+    set_threads(1)
+    out = Path(args.out).resolve()
+    run_dir = out / "demo"
+    warm = prepare_warm_start(out / "warm_start", seed=0)
+    train = [sys.executable, "launch/train.py"]
+    if args.ranks > 1:
+        train = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(args.ranks),
+            "launch/train.py",
+        ]
+    overrides = ript_overrides(warm, args.iterations, eval_every=5)
+    run(
+        [
+            *train,
+            "--deepspeed",
+            "ds_configs/zero2.json",
+            "--config",
+            "launch/configs/demo.yaml",
+            f"output_dir={out}",
+            *overrides,
+        ]
     )
-    fixture = ROOT.parent / "shared" / "fixtures" / "pi0_lerobot_tiny_a"
-    if fixture.exists():
-        res = subprocess.run(
-            [sys.executable, str(ROOT / "tools" / "parity_check.py"), "--fixture", str(fixture)],
-            capture_output=True,
-            text=True,
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["iteration"], r["eval/success_rate"]) for r in rows if "eval/success_rate" in r]
+    rollout = [round(r["rollout/success_rate"], 2) for r in rows if "rollout/success_rate" in r]
+    log.info("held-out success by iteration: %s", ", ".join(f"{i}: {s:.2f}" for i, s in curve))
+    log.info("rollout success per iteration: %s", rollout)
+    run([sys.executable, "tools/plot_metrics.py", str(run_dir), "--out", str(run_dir / "metrics.png")])
+    if not args.skip_libero:
+        run(
+            [
+                sys.executable,
+                "launch/eval.py",
+                "--checkpoint",
+                str(run_dir / "checkpoints"),
+                "--suite",
+                "libero_spatial",
+                "--tasks",
+                "0",
+                "--episodes-per-task",
+                "1",
+                "--max-steps",
+                "40",
+                "--camera-size",
+                "128",
+                "--num-envs",
+                "1",
+                "--videos",
+                "1",
+                "--out",
+                str(run_dir / "eval_libero"),
+            ]
         )
-        log.info("parity with lerobot's PI0 (%s): %s", fixture.name, res.stdout.strip() or res.stderr.strip())
-        if res.returncode != 0:
-            return res.returncode
-    log.info("outputs: tokenizer and checkpoint in %s", out)
+    log.info("done. run directory: %s", run_dir)
+    log.info("  metrics:     %s", run_dir / "metrics.jsonl")
+    log.info("  plot:        %s", run_dir / "metrics.png")
+    log.info("  checkpoints: %s", run_dir / "checkpoints")
+    if not args.skip_libero:
+        log.info("  LIBERO eval: %s (results.md, videos/)", run_dir / "eval_libero")
     return 0
 
 

@@ -1,0 +1,99 @@
+"""RIPT learning check on the synthetic env: warm start by BC on imperfect demos, then RIPT with each
+objective on the same budget; held-out success (eval/success_rate, iteration 0 = the warm start) and
+training-context rollout success per iteration, sampler statistics, and a PNG of the curves.
+
+    python tools/bench/learning_curve.py --iterations 12 --losses cfg awr fpo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from report import BENCHMARKS, write_section
+
+from ript_ds.config import load_config
+from ript_ds.learning import prepare_warm_start, ript_overrides, set_threads
+from ript_ds.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_one(warm, loss: str, iterations: int, out: Path, extra: list[str]) -> tuple[list[dict], float]:
+    overrides = ript_overrides(warm, iterations, loss=loss, eval_every=3)
+    cfg = load_config(
+        ROOT / "launch/configs/demo.yaml", [*overrides, f"output_dir={out}", f"run_name={loss}", *extra]
+    )
+    start = time.perf_counter()
+    Trainer(cfg).setup().run()
+    rows = [json.loads(line) for line in (out / loss / "metrics.jsonl").read_text().splitlines()]
+    return rows, time.perf_counter() - start
+
+
+def table(results: dict[str, tuple[list[dict], float]]) -> str:
+    lines = [
+        "| objective | held-out success by iteration | rollout success (first 3 -> last 3 its) | kept / sampled groups | all-success / all-fail dropped | wall s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for loss, (rows, seconds) in results.items():
+        evals = ", ".join(
+            f"{r['iteration']}: {r['eval/success_rate']:.2f}" for r in rows if "eval/success_rate" in r
+        )
+        roll = [r["rollout/success_rate"] for r in rows if "rollout/success_rate" in r]
+        first, last = sum(roll[:3]) / 3, sum(roll[-3:]) / 3
+        kept = sum(r.get("sampler/groups_kept", 0) for r in rows)
+        sampled = sum(r.get("sampler/groups_sampled", 0) for r in rows)
+        succ = sum(r.get("sampler/dropped_all_success", 0) for r in rows)
+        fail = sum(r.get("sampler/dropped_all_fail", 0) for r in rows)
+        lines.append(
+            f"| {loss} | {evals} | {first:.2f} -> {last:.2f} | {kept:.0f} / {sampled:.0f} | {succ:.0f} / {fail:.0f} | {seconds:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, tuple[list[dict], float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for loss, (rows, _) in results.items():
+        ev = [(r["iteration"], r["eval/success_rate"]) for r in rows if "eval/success_rate" in r]
+        ro = [(r["iteration"], r["rollout/success_rate"]) for r in rows if "rollout/success_rate" in r]
+        a.plot(*zip(*ev, strict=True), marker="o", label=loss)
+        b.plot(*zip(*ro, strict=True), label=loss)
+    a.set(title="held-out init states", xlabel="iteration", ylabel="success rate")
+    b.set(title="training rollouts", xlabel="iteration")
+    a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--iterations", type=int, default=12)
+    parser.add_argument("--losses", nargs="+", default=["cfg", "awr", "fpo"])
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "learning_curve")
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. train.lr=1e-4")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    set_threads(1)
+    warm = prepare_warm_start(args.out / "warm_start", seed=0)
+    results = {loss: run_one(warm, loss, args.iterations, args.out, args.overrides) for loss in args.losses}
+    body = table(results)
+    print(body)
+    if not args.no_write:
+        png = BENCHMARKS.parent / "learning_curve.png"
+        plot(results, png)
+        write_section(
+            "learning_curve", "RIPT learning check (synthetic env)", f"{body}\n\n![curves]({png.name})"
+        )
+
+
+if __name__ == "__main__":
+    main()

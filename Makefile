@@ -43,6 +43,8 @@ lint: install
 
 bench: install
 	cd tools/bench && ../../$(PY) sample_latency.py
+	cd tools/bench && ../../$(PY) rollout_throughput.py
+	cd tools/bench && ../../$(PY) learning_curve.py
 
 clean:
 	rm -rf $(VENV) .torch_extensions .pytest_cache .ruff_cache runs

@@ -162,3 +162,13 @@ def test_env_error_is_a_failed_episode():
         assert reply.failure.startswith("env error: IndexError") and pool.stats.errors == 1
         pool.send_reset(0, TASKS[0], 1, 0)  # the same worker keeps serving
         assert pool.gather()[0].failure is None and pool.stats.restarts == 0
+
+
+def test_render_threads_split_the_cores(monkeypatch):
+    from ript_ds.env.pool import render_threads
+
+    monkeypatch.delenv("LP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert [render_threads(n) for n in (1, 2, 3, 8, 16)] == ["8", "4", "2", "1", "1"]
+    monkeypatch.setenv("LP_NUM_THREADS", "3")
+    assert render_threads(4) == "3"  # the user's setting wins

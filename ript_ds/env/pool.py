@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import logging
 import multiprocessing as mp
+import os
 import time
 import traceback
 import weakref
@@ -76,7 +77,18 @@ class PoolStats:
     restarts: int = 0
 
 
-def _worker_main(conn: Connection, factory: EnvFactory) -> None:
+def render_threads(num_workers: int) -> str:
+    """llvmpipe threads per worker: the cores divided among the workers (at least 1).
+
+    Measured (docs/benchmarks.md, rollout_throughput, 2 cores): 1 worker renders 22% faster with 2
+    threads than with 1; with 2 or 4 workers 1 thread each is as fast as llvmpipe's default and does
+    not oversubscribe the cores. A user-set LP_NUM_THREADS wins.
+    """
+    return os.environ.get("LP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(num_workers, 1))))
+
+
+def _worker_main(conn: Connection, factory: EnvFactory, lp_threads: str) -> None:
+    os.environ["LP_NUM_THREADS"] = lp_threads  # before any renderer is created in this process
     envs: OrderedDict[TaskSpec, Env] = OrderedDict()
     current: Env | None = None
     while True:
@@ -135,10 +147,10 @@ def _run_actions(env: Env | None, actions: np.ndarray) -> SlotReply:
 
 
 class _Worker:
-    def __init__(self, ctx: Any, factory: EnvFactory, slot: int) -> None:
+    def __init__(self, ctx: Any, factory: EnvFactory, slot: int, lp_threads: str = "1") -> None:
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(
-            target=_worker_main, args=(child, factory), daemon=True, name=f"env-{slot}"
+            target=_worker_main, args=(child, factory, lp_threads), daemon=True, name=f"env-{slot}"
         )
         self.process.start()
         child.close()  # so the driver sees EOF when the worker dies
@@ -181,7 +193,10 @@ class EnvPool:
         self.factory, self.timeout_s = factory, timeout_s
         self.stats = PoolStats()
         self._ctx = mp.get_context(start_method)
-        self._workers: list[_Worker | None] = [_Worker(self._ctx, factory, i) for i in range(num_workers)]
+        self.lp_threads = render_threads(num_workers)
+        self._workers: list[_Worker | None] = [
+            _Worker(self._ctx, factory, i, self.lp_threads) for i in range(num_workers)
+        ]
         self._pending: dict[int, float] = {}  # slot -> deadline (monotonic seconds)
         _LIVE_POOLS.add(self)
 
@@ -249,7 +264,7 @@ class EnvPool:
     def _restart(self, slot: int, reason: str) -> SlotReply:
         code = self._workers[slot].kill()
         logger.warning("env slot %d: %s (exit code %s); restarting its worker", slot, reason, code)
-        self._workers[slot] = _Worker(self._ctx, self.factory, slot)
+        self._workers[slot] = _Worker(self._ctx, self.factory, slot, self.lp_threads)
         self.stats.restarts += 1
         return SlotReply(None, 0, False, True, reason)
 

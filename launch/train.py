@@ -18,7 +18,9 @@ from ript_ds.config import ConfigError, describe_config, load_config
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        epilog="config fields (section.key=value):\n" + describe_config(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="experiment YAML (launch/configs/*.yaml)")
     parser.add_argument("--deepspeed", help="DeepSpeed engine JSON (ds_configs/*.json); default zero2")

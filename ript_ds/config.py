@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+LIBERO_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+
 
 class ConfigError(ValueError):
     """A bad configuration; the message is one line naming the key and how to fix it."""
@@ -176,7 +178,32 @@ class ExperimentCfg:
                 raise ConfigError(message)
         if self.env.kind == "synthetic" and self.env.suite != "synthetic":
             raise ConfigError(f"env.kind=synthetic needs env.suite=synthetic, got {self.env.suite!r}")
+        self._validate_paths_and_suite()
         return self
+
+    def _validate_paths_and_suite(self) -> None:
+        """What can be checked without importing LIBERO or starting ranks (task ids: at build time)."""
+        if self.env.kind == "libero" and self.env.suite not in LIBERO_SUITES:
+            raise ConfigError(
+                f"env.suite={self.env.suite!r} is not a LIBERO suite"
+                + _suggest(self.env.suite, list(LIBERO_SUITES))
+            )
+        if any(i < 0 for i in self.env.task_ids):
+            raise ConfigError(f"env.task_ids {self.env.task_ids} must be >= 0")
+        for key, path in (
+            ("model.checkpoint", self.model.checkpoint),
+            ("model.tokenizer_path", self.model.tokenizer_path),
+        ):
+            if path is not None and not Path(path).exists():
+                raise ConfigError(f"{key}={path} does not exist")
+        if self.ckpt.resume not in ("auto", "none") and not Path(self.ckpt.resume).is_dir():
+            raise ConfigError(
+                f"ckpt.resume={self.ckpt.resume} is neither auto, none nor a checkpoint directory"
+            )
+        if self.engine.lora.enabled and not self.engine.lora.modules:
+            raise ConfigError("engine.lora.modules is empty: LoRA would wrap nothing")
+        if self.rollout.guidance < 0:
+            raise ConfigError(f"rollout.guidance={self.rollout.guidance} must be >= 0 (0 = base policy)")
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:

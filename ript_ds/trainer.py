@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -86,7 +87,6 @@ class Trainer:
             mixed_bonus=cfg.ript.mixed_bonus,
         )
         self.pool = EnvPool(self.comp.env_factory, cfg.rollout.num_envs, timeout_s=cfg.rollout.step_timeout_s)
-        self.metrics = MetricsWriter(cfg.run_dir, dist.is_main())
         if dist.is_main():
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -95,8 +95,23 @@ class Trainer:
             cfg.run_dir, cfg.ckpt.keep_last, dist.rank(), dist.world_size(), dist.barrier
         )
         self.preemption = PreemptionFlag()
-        self._resume()
+        resumed = self._resume()
+        self.metrics = MetricsWriter(cfg.run_dir, dist.is_main(), self._wandb_cfg(resumed))
+        if resumed is not None:
+            self.metrics.truncate_after(resumed.iteration)
         return self
+
+    def _wandb_cfg(self, resumed: TrainState | None) -> dict | None:
+        """wandb.init arguments; offline unless WANDB_MODE says otherwise; the run id survives resume."""
+        if not self.cfg.log.wandb:
+            return None
+        return {
+            "project": self.cfg.log.wandb_project,
+            "name": self.cfg.run_name,
+            "id": resumed.wandb_run_id if resumed is not None else None,
+            "mode": os.environ.get("WANDB_MODE", "offline"),
+            "config": self.cfg.to_dict(),
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> TrainState:
@@ -109,19 +124,19 @@ class Trainer:
             wandb_run_id=self.metrics.wandb_run_id,
         )
 
-    def _resume(self) -> None:
+    def _resume(self) -> TrainState | None:
         """--resume auto|PATH|none; rank 0 decides which checkpoint, every rank loads it."""
         found = self.ckpt.resolve(self.cfg.ckpt.resume) if dist.is_main() else None
         path = dist.broadcast_object(None if found is None else str(found))
         if path is None:
-            return
+            return None
         state = self.ckpt.load(self.engine, Path(path))
         check_config(state.config, self.cfg.to_dict(), self.cfg.ckpt.allow_config_change)
         self.iteration, self.episode_cursor = state.iteration, state.episode_cursor
         self.sampler.load_state_dict(state.sampler)
         self.update_rng.bit_generator.state = state.update_rng
-        self.metrics.truncate_after(state.iteration)
         log.info("resumed from %s at iteration %d", path, state.iteration)
+        return state
 
     def _stop_requested(self) -> bool:
         """Did any rank get a preemption signal? (collective: call on every rank)"""

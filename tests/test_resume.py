@@ -60,7 +60,7 @@ def test_kill_9_and_resume_is_exact(tmp_path):
     straight = subprocess.run(args(tmp_path / "a"), env=env(), capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
     reference = metrics(tmp_path / "a" / "debug")
-    assert [r["iteration"] for r in reference] == [1, 2, 3, 4]
+    assert [r["iteration"] for r in reference] == [0, 1, 2, 3, 4]  # 0: the starting policy's evaluation
 
     run = tmp_path / "b" / "debug"
     proc = subprocess.Popen(
@@ -94,8 +94,9 @@ def test_sigusr1_saves_and_exits_with_requeue_code(tmp_path):
         text=True,
     )
     try:
+        # Rows: iteration 0 (the starting policy's evaluation), then iteration 1.
         wait_for(
-            lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 1,
+            lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2,
             proc,
         )
         proc.send_signal(signal.SIGUSR1)

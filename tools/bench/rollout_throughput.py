@@ -247,8 +247,8 @@ def main() -> None:
         f"(CPU-sized defaults; openpi uses 256 / 224); tiny PI0 (tests' `PI0Arch.tiny`), "
         f"{args.denoise_steps} denoising steps, 1 torch thread, chunk of {args.replan_every} actions per pool "
         f"round trip; {args.steps} env steps per worker per pass (one episode each). Times exclude env creation "
-        "and reset+settle (2 settle steps instead of 10, to shorten the untimed part). The machine's 2 cores were shared with other engineers' jobs during the run, so "
-        "absolute rates are noisy; each ratio compares passes of the same run.",
+        "and reset+settle (2 settle steps instead of 10, to shorten the untimed part). Absolute rates depend on "
+        "machine load; each ratio compares passes of the same run.",
         "",
         "| LP_NUM_THREADS | workers | (a) raw steps/s | pool + tiny PI0 steps/s | pool / raw | policy share "
         "| RSS per worker (GiB) | threads per worker | creation + reset (s) |",

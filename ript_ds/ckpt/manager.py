@@ -207,7 +207,18 @@ class CheckpointManager:
 
     def load(self, engine, path: Path) -> TrainState:
         """Restore engine, client state and this rank's RNG. Call on every rank."""
-        client = engine.load(path.parent, path.name)
+        saved_world = json.loads((path / COMPLETE).read_text()).get("world_size", self.world_size)
+        if saved_world == self.world_size:
+            client = engine.load(path.parent, path.name)
+        else:
+            log.warning(
+                "%s was written by %d ranks, this job has %d: loading consolidated weights; the optimizer "
+                "state starts fresh",
+                path,
+                saved_world,
+                self.world_size,
+            )
+            client = engine.load_consolidated(path)
         rng_file = path / f"rng_rank{self.rank}.json"
         if rng_file.exists():
             set_rng_state(json.loads(rng_file.read_text()))

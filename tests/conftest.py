@@ -49,6 +49,17 @@ def random_batch(arch: PI0Arch, b: int = 3, cams: int = 2, text: int = 7, seed: 
     )
 
 
+def load_script(relative: str):
+    """Import a CLI script of the repo (tools/*.py, launch/*.py) as a module, to call its main()."""
+    import importlib.util
+
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def require(path: Path) -> Path:
     if not path.exists():
         pytest.fail(f"reference fixture {path} is missing; set RIPT_FIXTURES to the shared fixtures folder")

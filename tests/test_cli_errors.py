@@ -3,14 +3,10 @@ before any distributed initialisation (these run in-process in milliseconds)."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
-from conftest import ROOT
+from conftest import load_script
 
-spec = importlib.util.spec_from_file_location("train_cli", ROOT / "launch" / "train.py")
-train_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_cli)
+train_cli = load_script("launch/train.py")
 
 CASES = [
     (["train.lrr=1"], "unknown config key 'train.lrr'; did you mean 'lr'?"),

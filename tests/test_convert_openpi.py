@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import OPENPI_FIXTURE, ROOT, require
+from conftest import OPENPI_FIXTURE, load_script, require
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 
@@ -22,10 +21,7 @@ LOSS_TOL, ACTION_TOL = 1e-4, 2e-4
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"tools/{name}.py")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ and records the engine module's own loss / sampled actions; the tests export and
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -71,10 +70,9 @@ def worker(out: Path) -> None:
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from conftest import load_script
+
+    return load_script(f"tools/{name}.py")
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def preflight(cfg, ds_config: str | None) -> None:
+    """Checks that need the DeepSpeed JSON or the machine, still before any distributed init."""
+    import torch
+
+    from ript_ds.engine.ds_json import check_ds_json, load_ds_json
+
+    path, ds = load_ds_json(ds_config or cfg.engine.deepspeed_config)  # --deepspeed wins, as in the trainer
+    check_ds_json(path, ds, cfg, cuda_available=torch.cuda.is_available())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     if args.help_config:
@@ -46,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    try:
+        preflight(cfg, args.deepspeed)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     from ript_ds.engine.dist import MainRankFilter
     from ript_ds.trainer import Trainer
 

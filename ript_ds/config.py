@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +18,15 @@ from typing import Any, Literal
 
 import yaml
 
-LIBERO_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+# Tasks per LIBERO suite (as LIBERO's benchmark reports them), so task ids are checked without
+# importing LIBERO; tests/test_libero_env.py compares this table with the installed package.
+LIBERO_SUITES: dict[str, int] = {
+    "libero_spatial": 10,
+    "libero_object": 10,
+    "libero_goal": 10,
+    "libero_10": 10,
+    "libero_90": 90,
+}
 
 
 class ConfigError(ValueError):
@@ -182,7 +191,7 @@ class ExperimentCfg:
         return self
 
     def _validate_paths_and_suite(self) -> None:
-        """What can be checked without importing LIBERO or starting ranks (task ids: at build time)."""
+        """What can be checked without importing LIBERO or starting ranks."""
         if self.env.kind == "libero" and self.env.suite not in LIBERO_SUITES:
             raise ConfigError(
                 f"env.suite={self.env.suite!r} is not a LIBERO suite"
@@ -190,6 +199,14 @@ class ExperimentCfg:
             )
         if any(i < 0 for i in self.env.task_ids):
             raise ConfigError(f"env.task_ids {self.env.task_ids} must be >= 0")
+        if self.env.kind == "libero":
+            n = LIBERO_SUITES[self.env.suite]
+            bad = [i for i in self.env.task_ids if i >= n]
+            if bad:
+                raise ConfigError(f"env.task_ids {bad} out of range: {self.env.suite} has tasks 0..{n - 1}")
+        # find_spec, not import: the check must stay cheap, and SummaryWriter fails only at first use.
+        if self.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard")
         for key, path in (
             ("model.checkpoint", self.model.checkpoint),
             ("model.tokenizer_path", self.model.tokenizer_path),

@@ -1,0 +1,87 @@
+"""Pre-flight checks of the DeepSpeed JSON, run by launch/train.py before any process group exists.
+
+engine/deepspeed.py builds the final DeepSpeed config (and checks it again) only after distributed init,
+where a bad JSON ends every rank with a traceback. Whatever can be decided from the file and the
+experiment config alone is checked here instead, so it ends the launch with one line and exit code 2.
+Reading JSON needs no deepspeed import; deepspeed.py stays the only module that imports it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ript_ds.config import ConfigError, ExperimentCfg
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def resolve_ds_path(path: str | Path) -> Path:
+    """A path as given, else relative to the checkout (so ds_configs/... works from any cwd)."""
+    path = Path(path)
+    if not path.exists() and not path.is_absolute():
+        path = CHECKOUT / path
+    if not path.exists():
+        raise ConfigError(f"engine.deepspeed_config: {path} does not exist")
+    return path
+
+
+def load_ds_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(resolved path, parsed JSON object); a missing or malformed file is a ConfigError."""
+    path = resolve_ds_path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return path, data
+
+
+def offloads_optimizer(ds: Mapping[str, Any]) -> bool:
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") not in ("none", None)
+
+
+def check_ds_json(path: Path, ds: Mapping[str, Any], cfg: ExperimentCfg, cuda_available: bool) -> None:
+    """Raise ConfigError (one line) for a JSON that DeepSpeed or engine/deepspeed.py would refuse."""
+    fp16 = ds.get("fp16")
+    if isinstance(fp16, Mapping) and fp16.get("enabled") is True and not cuda_available:
+        raise ConfigError(
+            f"{path}: fp16.enabled=true needs a CUDA GPU and torch.cuda.is_available() is false here; "
+            "remove the fp16 section (training runs in fp32, or bf16 autocast with model.dtype=bfloat16)"
+        )
+    for section in ("optimizer", "scheduler", "fp16"):
+        if section in ds:
+            raise ConfigError(
+                f"{path}: remove the {section!r} section; the optimizer and LR schedule come from the "
+                "training config (engine.*, train.lr), and fp16 is not supported (use model.dtype=bfloat16)"
+            )
+    if offloads_optimizer(ds) and ds.get("zero_force_ds_cpu_optimizer") is True:
+        # The engine hands DeepSpeed a client optimizer: DeepSpeedCPUAdam when its JIT build works, else
+        # torch AdamW on the CPU partitions, which this flag makes DeepSpeed refuse after init.
+        raise ConfigError(
+            f"{path}: zero_optimization.offload_optimizer with zero_force_ds_cpu_optimizer=true refuses "
+            "the client torch AdamW that ript-ds falls back to; remove zero_force_ds_cpu_optimizer"
+        )
+    if (ds.get("bf16") or {}).get("enabled") is True:
+        raise ConfigError(
+            f"{path}: bf16.enabled casts every parameter (PI0's norms and projections included) to bf16; "
+            "set model.dtype=bfloat16 instead, which runs the forward under torch_autocast"
+        )
+    autocast = (ds.get("torch_autocast") or {}).get("enabled", "auto")
+    if autocast not in ("auto", cfg.model.dtype == "bfloat16"):
+        raise ConfigError(
+            f"{path}: torch_autocast.enabled={autocast!r} disagrees with model.dtype={cfg.model.dtype}; "
+            "use 'auto'"
+        )
+    owned = {
+        "train_micro_batch_size_per_gpu": ("train.micro_batch_size", cfg.train.micro_batch_size),
+        "gradient_accumulation_steps": ("train.grad_accum_steps", cfg.train.grad_accum_steps),
+        "gradient_clipping": ("train.grad_clip", cfg.train.grad_clip),
+    }
+    for key, (name, value) in owned.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise ConfigError(f"{path}: {key}={ds[key]!r} disagrees with {name}={value}; use 'auto'")

@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> dict:
     from ript_ds.config import ConfigError
     from ript_ds.engine import dist
     from ript_ds.env.pool import EnvPool
+    from ript_ds.progress import episode_bar
     from ript_ds.rl.rollout import RolloutRequest, collect, make_pi0_policy_fn
     from ript_ds.rl.types import Context
     from ript_ds.rl.video import write_episode_video
@@ -232,8 +233,12 @@ def run(args: argparse.Namespace) -> dict:
         )
         policy_fn = make_pi0_policy_fn(policy, comp.processor, guidance=guidance, device=device)
         start = time.perf_counter()
-        with EnvPool(comp.env_factory, args.num_envs, timeout_s=args.step_timeout) as pool:
-            episodes = collect(policy_fn, pool, [requests[i] for i in mine]).episodes
+        bar = episode_bar(len(mine), dist.is_main(), desc="eval")
+        with (
+            EnvPool(comp.env_factory, args.num_envs, timeout_s=args.step_timeout) as pool,
+            bar as on_progress,
+        ):
+            episodes = collect(policy_fn, pool, [requests[i] for i in mine], on_progress=on_progress).episodes
         seconds = time.perf_counter() - start
         records = [
             ev.EpisodeRecord(

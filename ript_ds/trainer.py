@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import yaml
 
+from ript_ds import progress
 from ript_ds.build import Components, build_components
 from ript_ds.ckpt.manager import CheckpointManager, TrainState, check_config, rng_state
 from ript_ds.ckpt.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
@@ -96,7 +97,9 @@ class Trainer:
         )
         self.preemption = PreemptionFlag()
         resumed = self._resume()
-        self.metrics = MetricsWriter(cfg.run_dir, dist.is_main(), self._wandb_cfg(resumed))
+        self.metrics = MetricsWriter(
+            cfg.run_dir, dist.is_main(), self._wandb_cfg(resumed), tensorboard=cfg.log.tensorboard
+        )
         if resumed is not None:
             self.metrics.truncate_after(resumed.iteration)
         return self
@@ -210,8 +213,10 @@ class Trainer:
 
     def _rollout(self, requests: list[RolloutRequest], guidance: float | None) -> list[Episode]:
         policy_fn = make_pi0_policy_fn(self.engine.module, self.comp.processor, guidance=guidance)
-        with self.engine.rollout_context():
-            return collect(policy_fn, self.pool, requests, self.cfg.rollout.replan_every).episodes
+        bar = progress.episode_bar(len(requests), dist.is_main())
+        with self.engine.rollout_context(), bar as on_progress:
+            replan = self.cfg.rollout.replan_every
+            return collect(policy_fn, self.pool, requests, replan, on_progress=on_progress).episodes
 
     def sample_phase(self) -> tuple[SamplingPhase, PhaseResult]:
         """Sample and roll out until enough mixed groups are kept (collective: call on every rank)."""
@@ -246,12 +251,13 @@ class Trainer:
         result.successes, result.episodes_total = int(totals["successes"]), int(totals["episodes"])
         result.env_steps, result.seconds = int(totals["env_steps"]), time.perf_counter() - start
         if self.cfg.rollout.videos_per_iteration and dist.is_main():
-            write_videos(
+            paths = write_videos(
                 result.episodes,
                 self.cfg.run_dir / "videos",
                 self.cfg.rollout.videos_per_iteration,
                 prefix=f"it{self.iteration:05d}_",
             )
+            self.metrics.log_videos(self.iteration + 1, paths)  # the iteration being sampled
         return phase, result
 
     def _check_sampler_in_sync(self) -> None:
@@ -285,17 +291,19 @@ class Trainer:
             action_dim=self.comp.processor.action_dim,
         )
         self.engine.train()
-        stats = run_update(
-            self.engine,
-            self.engine.module.arch,
-            self.comp.processor,
-            windows,
-            self.comp.prompts,
-            update_cfg,
-            self.update_rng,
-            n_mb,
-            padding,
-        )
+        bar = progress.micro_step_bar(self.engine, cfg.train.epochs * n_mb, dist.is_main())
+        with bar as backend:
+            stats = run_update(
+                backend,
+                self.engine.module.arch,
+                self.comp.processor,
+                windows,
+                self.comp.prompts,
+                update_cfg,
+                self.update_rng,
+                n_mb,
+                padding,
+            )
         self.engine.eval()
         return stats
 

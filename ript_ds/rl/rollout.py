@@ -114,15 +114,19 @@ def collect(
     requests: Sequence[RolloutRequest | tuple[Context, TaskSpec, int]],
     replan_every: int = 5,
     action_dim: int = 7,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> RolloutResult:
-    """Run every request to the end (success, step cap or failure); see the module docstring."""
+    """Run every request to the end (success, step cap or failure); see the module docstring.
+
+    on_progress(episodes finished, env steps so far) is called after every gathered round (progress bars).
+    """
     if replan_every < 1:
         raise ValueError(f"replan_every must be >= 1, got {replan_every}")
     reqs = [r if isinstance(r, RolloutRequest) else RolloutRequest(*r) for r in requests]
     queue = deque(enumerate(reqs))
     slots: list[_Live | None] = [None] * pool.num_workers
     episodes: list[Episode | None] = [None] * len(reqs)
-    start, env_steps, calls = time.perf_counter(), 0, 0
+    start, env_steps, calls, finished = time.perf_counter(), 0, 0, 0
 
     def start_next(slot: int) -> None:
         if queue:
@@ -139,6 +143,9 @@ def collect(
             if reply.failure is not None or reply.done:
                 episodes[live.index] = live.finish(reply.success, reply.failure, action_dim)
                 slots[slot] = None
+                finished += 1
+        if on_progress is not None:
+            on_progress(finished, env_steps)
         waiting = [i for i, s in enumerate(slots) if s is not None and s.obs is not None]
         if waiting:
             calls += 1

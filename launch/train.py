@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 
-from ript_ds.config import ConfigError, describe_config, load_config
+from ript_ds.config import ConfigError, ExperimentCfg, describe_config, load_config
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -31,14 +31,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def preflight(cfg, ds_config: str | None) -> None:
+def preflight(cfg: ExperimentCfg, ds_config: str | None) -> None:
     """Checks that need the DeepSpeed JSON or the machine, still before any distributed init."""
     import torch
 
     from ript_ds.engine.ds_json import check_ds_json, load_ds_json
 
     path, ds = load_ds_json(ds_config or cfg.engine.deepspeed_config)  # --deepspeed wins, as in the trainer
-    check_ds_json(path, ds, cfg, cuda_available=torch.cuda.is_available())
+    bf16 = cfg.model.dtype == "bfloat16"
+    check_ds_json(path, ds, cfg.train, bf16, cuda_available=torch.cuda.is_available())
 
 
 def main(argv: list[str] | None = None) -> int:

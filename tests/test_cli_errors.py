@@ -114,14 +114,14 @@ def test_missing_deepspeed_json(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
 @pytest.mark.parametrize("cuda", [False, True])
 def test_shipped_deepspeed_jsons_pass(name, cuda, tmp_path, monkeypatch):
-    cfg = load_config(overrides=["model.dtype=bfloat16"])
+    cfg = load_config()
     monkeypatch.chdir(tmp_path)
     path, ds = load_ds_json(f"ds_configs/{name}")  # relative to the checkout, from any cwd
     assert path == ROOT / "ds_configs" / name
-    check_ds_json(path, ds, cfg, cuda_available=cuda)
+    check_ds_json(path, ds, cfg.train, bf16=True, cuda_available=cuda)
 
 
 def test_fp16_on_a_gpu_machine_is_refused_as_unsupported(tmp_path):
     cfg = load_config()
     with pytest.raises(ValueError, match="remove the 'fp16' section"):
-        check_ds_json(tmp_path, {"fp16": {"enabled": True}}, cfg, cuda_available=True)
+        check_ds_json(tmp_path, {"fp16": {"enabled": True}}, cfg.train, bf16=False, cuda_available=True)

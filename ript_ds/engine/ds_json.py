@@ -3,7 +3,8 @@
 engine/deepspeed.py builds the final DeepSpeed config (and checks it again) only after distributed init,
 where a bad JSON ends every rank with a traceback. Whatever can be decided from the file and the
 experiment config alone is checked here instead, so it ends the launch with one line and exit code 2.
-Reading JSON needs no deepspeed import; deepspeed.py stays the only module that imports it.
+Reading JSON needs no deepspeed import; deepspeed.py stays the only module that imports it. The
+signature takes what build_ds_config has (train config, bf16 flag), so it can call the same checks.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ript_ds.config import ConfigError, ExperimentCfg
+from ript_ds.config import ConfigError, TrainCfg
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -45,8 +46,13 @@ def offloads_optimizer(ds: Mapping[str, Any]) -> bool:
     return offload.get("device", "none") not in ("none", None)
 
 
-def check_ds_json(path: Path, ds: Mapping[str, Any], cfg: ExperimentCfg, cuda_available: bool) -> None:
-    """Raise ConfigError (one line) for a JSON that DeepSpeed or engine/deepspeed.py would refuse."""
+def check_ds_json(
+    path: Path, ds: Mapping[str, Any], train: TrainCfg, bf16: bool, cuda_available: bool
+) -> None:
+    """Raise ConfigError (one line) for a JSON that DeepSpeed or engine/deepspeed.py would refuse.
+
+    bf16: model.dtype == "bfloat16". train_batch_size is left to build_ds_config (it needs the world size).
+    """
     fp16 = ds.get("fp16")
     if isinstance(fp16, Mapping) and fp16.get("enabled") is True and not cuda_available:
         raise ConfigError(
@@ -72,15 +78,15 @@ def check_ds_json(path: Path, ds: Mapping[str, Any], cfg: ExperimentCfg, cuda_av
             "set model.dtype=bfloat16 instead, which runs the forward under torch_autocast"
         )
     autocast = (ds.get("torch_autocast") or {}).get("enabled", "auto")
-    if autocast not in ("auto", cfg.model.dtype == "bfloat16"):
+    if autocast not in ("auto", bf16):
+        dtype = "bfloat16" if bf16 else "float32"
         raise ConfigError(
-            f"{path}: torch_autocast.enabled={autocast!r} disagrees with model.dtype={cfg.model.dtype}; "
-            "use 'auto'"
+            f"{path}: torch_autocast.enabled={autocast!r} disagrees with model.dtype={dtype}; use 'auto'"
         )
     owned = {
-        "train_micro_batch_size_per_gpu": ("train.micro_batch_size", cfg.train.micro_batch_size),
-        "gradient_accumulation_steps": ("train.grad_accum_steps", cfg.train.grad_accum_steps),
-        "gradient_clipping": ("train.grad_clip", cfg.train.grad_clip),
+        "train_micro_batch_size_per_gpu": ("train.micro_batch_size", train.micro_batch_size),
+        "gradient_accumulation_steps": ("train.grad_accum_steps", train.grad_accum_steps),
+        "gradient_clipping": ("train.grad_clip", train.grad_clip),
     }
     for key, (name, value) in owned.items():
         if ds.get(key, "auto") not in ("auto", value):

@@ -204,7 +204,7 @@ class ExperimentCfg:
             bad = [i for i in self.env.task_ids if i >= n]
             if bad:
                 raise ConfigError(f"env.task_ids {bad} out of range: {self.env.suite} has tasks 0..{n - 1}")
-        # find_spec, not import: the check must stay cheap, and SummaryWriter fails only at first use.
+        # find_spec, not import: cheap; otherwise a missing package surfaces after distributed init.
         if self.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard")
         for key, path in (

@@ -81,6 +81,18 @@ def test_ds_config_is_filled_in_one_place(tmp_path):
     bad.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     with pytest.raises(ConfigError, match="optimizer"):
         ds.build_ds_config(bad, train, 1, bf16=False)
+    # train_batch_size needs the world size, so only build_ds_config can check it
+    bad.write_text(json.dumps({"train_batch_size": 6}))
+    assert ds.build_ds_config(bad, train, 1, bf16=False)["train_batch_size"] == 6
+    with pytest.raises(ConfigError, match=r"train_batch_size=6 .*\(12\)"):
+        ds.build_ds_config(bad, train, 2, bf16=False)
+    # the checks are ds_json's, overrides included: the same one-line message as the CLI pre-flight
+    offload = {
+        "zero_optimization": {"offload_optimizer": {"device": "cpu"}},
+        "zero_force_ds_cpu_optimizer": True,
+    }
+    with pytest.raises(ConfigError, match="refuses the client torch AdamW"):
+        ds.build_ds_config(ROOT / "ds_configs" / "zero2.json", train, 1, bf16=False, overrides=offload)
 
 
 def test_lr_schedule():

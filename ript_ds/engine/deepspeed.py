@@ -44,18 +44,11 @@ from torch import Tensor, nn
 
 from ript_ds.config import ConfigError, EngineCfg, ExperimentCfg, LoraCfg, TrainCfg
 from ript_ds.engine import dist
+from ript_ds.engine.ds_json import check_ds_json, load_ds_json, offloads_optimizer
 from ript_ds.model.arch import PI0Arch
 from ript_ds.model.pi0 import PI0Batch, PI0Policy, unused_parameter_names
 
 logger = logging.getLogger(__name__)
-
-# Keys of the DeepSpeed JSON that the training config owns (filled in build_ds_config).
-_OWNED = (
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "train_batch_size",
-    "gradient_clipping",
-)
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -76,61 +69,32 @@ def build_ds_config(
     overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The DeepSpeed JSON at `path` (+ overrides) with the training-owned fields filled in; returned so the
-    trainer can log and save exactly what DeepSpeed ran with."""
-    path = _resolve(path)
-    cfg = _merge(json.loads(path.read_text()), overrides or {})
-    for section in ("optimizer", "scheduler", "fp16"):
-        if section in cfg:
-            raise ConfigError(
-                f"{path}: remove the {section!r} section; the optimizer and LR schedule come from the "
-                "training config (engine.*, train.lr), and fp16 is not supported (use bf16)"
-            )
-    owned = {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.grad_accum_steps,
-        "train_batch_size": train.micro_batch_size * train.grad_accum_steps * world_size,
-        "gradient_clipping": train.grad_clip,
-    }
-    for key, value in owned.items():
-        if cfg.get(key, "auto") not in ("auto", value):
-            raise ConfigError(
-                f"{path}: {key}={cfg[key]!r} disagrees with the training config ({value}); use 'auto'"
-            )
-        cfg[key] = value
-    if cfg.get("bf16", {}).get("enabled") is True:
+    trainer can log and save exactly what DeepSpeed ran with. The checks are ds_json's (the same ones
+    launch/train.py runs before distributed init), repeated here because overrides and callers other than
+    the CLI (tests, tools) reach this without the pre-flight."""
+    path, data = load_ds_json(path)
+    cfg = _merge(data, overrides or {})
+    check_ds_json(path, cfg, train, bf16, cuda_available=torch.cuda.is_available())
+    batch = train.micro_batch_size * train.grad_accum_steps * world_size
+    if cfg.get("train_batch_size", "auto") not in ("auto", batch):  # the one owned key that needs the world
         raise ConfigError(
-            f"{path}: bf16.enabled casts every parameter (PI0's norms and projections included) to bf16; "
-            "set model.dtype=bfloat16 instead, which runs the forward under torch_autocast"
+            f"{path}: train_batch_size={cfg['train_batch_size']!r} disagrees with micro_batch_size x "
+            f"grad_accum_steps x world size ({batch}); use 'auto'"
         )
+    cfg["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+    cfg["gradient_accumulation_steps"] = train.grad_accum_steps
+    cfg["train_batch_size"] = batch
+    cfg["gradient_clipping"] = train.grad_clip
     cfg.pop("bf16", None)
     autocast = cfg.setdefault("torch_autocast", {"dtype": "bfloat16"})
-    if autocast.get("enabled", "auto") not in ("auto", bf16):
-        raise ConfigError(
-            f"{path}: torch_autocast.enabled={autocast['enabled']!r} disagrees with model.dtype; use 'auto'"
-        )
     autocast["enabled"] = bf16
     autocast.setdefault("dtype", "bfloat16")
     zero = cfg.setdefault("zero_optimization", {})
-    if _offloads_optimizer(cfg):
+    if offloads_optimizer(cfg):
         # Lets the fallback (torch AdamW on CPU partitions) run when DeepSpeedCPUAdam cannot be built.
         cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     zero.setdefault("stage", 0)
     return cfg
-
-
-def _resolve(path: str | Path) -> Path:
-    """A relative path as given, else relative to the checkout (so ds_configs/... works from any cwd)."""
-    path = Path(path)
-    if not path.exists() and not path.is_absolute():
-        path = Path(__file__).resolve().parents[2] / path
-    if not path.exists():
-        raise ConfigError(f"engine.deepspeed_config: {path} does not exist")
-    return path
-
-
-def _offloads_optimizer(cfg: Mapping[str, Any]) -> bool:
-    offload = cfg.get("zero_optimization", {}).get("offload_optimizer", {})
-    return offload.get("device", "none") not in ("none", None)
 
 
 def lr_lambda(warmup_steps: int, schedule: str, total_steps: int | None, min_lr_ratio: float) -> Callable:
@@ -285,7 +249,7 @@ class DeepSpeedEngine:
     def _make_optimizer(self, params: list[nn.Parameter], train: TrainCfg, engine: EngineCfg):
         kwargs = {"lr": train.lr, "betas": tuple(engine.adam_betas), "eps": engine.adam_eps}
         kwargs["weight_decay"] = train.weight_decay
-        if _offloads_optimizer(self.ds_config):
+        if offloads_optimizer(self.ds_config):
             try:
                 from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -471,7 +435,7 @@ def build_engine(
     policy built empty and partitioned, and the canonical tensors copied in one parameter at a time.
     """
     engine_cfg = dataclasses.replace(cfg.engine, deepspeed_config=ds_config) if ds_config else cfg.engine
-    ds_json = json.loads(_resolve(engine_cfg.deepspeed_config).read_text())
+    _, ds_json = load_ds_json(engine_cfg.deepspeed_config)
     stage = ds_json.get("zero_optimization", {}).get("stage", 0)
     weights = None
     if stage == 3 and cfg.model.checkpoint is not None:

@@ -64,9 +64,11 @@ class EnvCfg:
 
 @dataclass
 class RolloutCfg:
-    num_envs: int = 2  # env worker processes per rank
+    num_envs: int = 2  # env worker processes per rank (or in-process slots with in_process)
+    in_process: bool = False  # synthetic env only: step envs in the trainer process (env/inline.py)
     replan_every: int = 5  # actions executed from each predicted chunk before replanning
     guidance: float = 1.0  # w in v = v_none + w (v_pos - v_none) for rollouts
+    noise_scale: float = 1.0  # training rollouts only: x the flow's initial noise (exploration)
     step_timeout_s: float = 120.0  # a worker silent this long is restarted, its episode failed
     videos_per_iteration: int = 0  # mp4s written per iteration (rank 0)
 
@@ -185,6 +187,11 @@ class ExperimentCfg:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.rollout.in_process and self.env.kind != "synthetic":
+            raise ConfigError(
+                "rollout.in_process=true is for env.kind=synthetic only: LIBERO envs need worker "
+                "processes (crash isolation, parallel rendering); remove rollout.in_process"
+            )
         if self.env.kind == "synthetic" and self.env.suite != "synthetic":
             raise ConfigError(f"env.kind=synthetic needs env.suite=synthetic, got {self.env.suite!r}")
         self._validate_paths_and_suite()
@@ -219,6 +226,10 @@ class ExperimentCfg:
             )
         if self.engine.lora.enabled and not self.engine.lora.modules:
             raise ConfigError("engine.lora.modules is empty: LoRA would wrap nothing")
+        if not self.rollout.noise_scale > 0:
+            raise ConfigError(
+                f"rollout.noise_scale={self.rollout.noise_scale} must be > 0 (1 = the policy's own noise)"
+            )
         if self.rollout.guidance < 0:
             raise ConfigError(f"rollout.guidance={self.rollout.guidance} must be >= 0 (0 = base policy)")
 

@@ -52,7 +52,6 @@ def prepare_warm_start(
 def ript_overrides(warm: WarmStart, iterations: int, loss: str = "cfg", eval_every: int = 2) -> list[str]:
     """Config overrides (on top of launch/configs/demo.yaml's defaults) for RIPT from the warm start."""
     s = warm.setup
-    held_out = s.num_init_states - s.train_init_states
     return [
         f"model.checkpoint={warm.checkpoint}",
         f"model.tokenizer_path={warm.tokenizer}",
@@ -61,10 +60,11 @@ def ript_overrides(warm: WarmStart, iterations: int, loss: str = "cfg", eval_eve
         "env.suite=synthetic",
         f"env.task_ids={','.join(str(i) for i in range(s.n_tasks))}",
         f"env.synthetic_init_states={s.num_init_states}",
-        f"env.num_eval_init_states={held_out}",
+        f"env.num_eval_init_states={s.heldout_init_states}",
         f"env.max_steps={s.max_steps}",
         f"env.difficulty={s.difficulty}",
         f"rollout.replan_every={s.replan_every}",
+        "rollout.in_process=true",  # numpy envs: worker processes would only add IPC (env/inline.py)
         f"ript.loss={loss}",
         f"train.iterations={iterations}",
         f"train.eval_every={eval_every}",

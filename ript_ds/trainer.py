@@ -29,6 +29,7 @@ from ript_ds.ckpt.manager import CheckpointManager, TrainState, check_config, rn
 from ript_ds.ckpt.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
 from ript_ds.config import ExperimentCfg
 from ript_ds.engine import dist
+from ript_ds.env.inline import InlinePool
 from ript_ds.env.pool import EnvPool
 from ript_ds.metrics import MetricsWriter
 from ript_ds.rl.advantage import group_advantages
@@ -87,7 +88,12 @@ class Trainer:
             skip_solved_after=cfg.ript.skip_solved_after,
             mixed_bonus=cfg.ript.mixed_bonus,
         )
-        self.pool = EnvPool(self.comp.env_factory, cfg.rollout.num_envs, timeout_s=cfg.rollout.step_timeout_s)
+        if cfg.rollout.in_process:
+            self.pool = InlinePool(self.comp.env_factory, cfg.rollout.num_envs)
+        else:
+            self.pool = EnvPool(
+                self.comp.env_factory, cfg.rollout.num_envs, timeout_s=cfg.rollout.step_timeout_s
+            )
         if dist.is_main():
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -211,8 +217,12 @@ class Trainer:
         self.episode_cursor += len(contexts) * k
         return requests
 
-    def _rollout(self, requests: list[RolloutRequest], guidance: float | None) -> list[Episode]:
-        policy_fn = make_pi0_policy_fn(self.engine.module, self.comp.processor, guidance=guidance)
+    def _rollout(
+        self, requests: list[RolloutRequest], guidance: float | None, noise_scale: float = 1.0
+    ) -> list[Episode]:
+        policy_fn = make_pi0_policy_fn(
+            self.engine.module, self.comp.processor, guidance=guidance, noise_scale=noise_scale
+        )
         bar = progress.episode_bar(len(requests), dist.is_main())
         with self.engine.rollout_context(), bar as on_progress:
             replan = self.cfg.rollout.replan_every
@@ -228,7 +238,7 @@ class Trainer:
         while not phase.done:
             contexts = self.sampler.next_contexts(phase.num_to_draw(dist.world_size()))
             requests = self._requests(contexts)
-            episodes = self._rollout(requests, guidance)
+            episodes = self._rollout(requests, guidance, self.cfg.rollout.noise_scale)
             groups = [Group(r.context, episodes[i : i + k]) for i, r in list(enumerate(requests))[::k]]
             outcomes = [
                 o

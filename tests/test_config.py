@@ -41,6 +41,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
         ("env.suite=libero_10", "env.kind=synthetic needs env.suite=synthetic"),
         ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing must be true or false"),
         ("lr", "override 'lr' must look like section.key=value"),
+        ("rollout.noise_scale=0", "rollout.noise_scale=0.0 must be > 0"),
     ],
 )
 def test_bad_values_give_one_clear_line(override, message):
@@ -60,3 +61,9 @@ def test_bad_files(tmp_path):
     bad.write_text("train: 3\n")
     with pytest.raises(ConfigError, match="train must be a section"):
         load_config(bad)
+
+
+def test_in_process_envs_are_for_the_synthetic_env_only():
+    with pytest.raises(ConfigError, match="rollout.in_process=true is for env.kind=synthetic only"):
+        load_config(None, ["env.kind=libero", "env.suite=libero_spatial", "rollout.in_process=true"])
+    assert load_config(None, ["rollout.in_process=true"]).rollout.in_process

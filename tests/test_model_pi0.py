@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_batch, tiny_policy
@@ -13,6 +14,7 @@ from ript_ds.model.pi0 import (
     PI0Policy,
     count_parameters,
     reduce_loss,
+    sample_noise_time,
     sinusoidal_time_embedding,
     unused_parameter_names,
 )
@@ -176,3 +178,17 @@ def test_loss_needs_actions():
     batch.actions = None
     with pytest.raises(ValueError, match="target actions"):
         policy.loss(batch, torch.zeros(3, 8, 32), torch.ones(3))
+
+
+def test_sample_noise_time_follows_pi0_distributions():
+    """The one sampler of training draws (RL update and BC): N(0, 1) noise, Beta(1.5, 1) time."""
+    arch = PI0Arch.tiny()
+    noise, t = sample_noise_time(arch, 20_000, np.random.default_rng(0))
+    assert noise.shape == (20_000, arch.chunk_size, arch.max_action_dim) and noise.dtype == torch.float32
+    assert abs(noise.mean().item()) < 0.01 and abs(noise.std().item() - 1.0) < 0.01
+    assert t.dtype == torch.float32 and t.min() >= 0.001 and t.max() <= 1.0
+    assert abs(t.mean().item() - (0.6 * 0.999 + 0.001)) < 0.01  # Beta(1.5, 1) has mean 0.6
+    assert abs((t < 0.5).float().mean().item() - 0.5**1.5) < 0.01  # CDF x^1.5
+    again = sample_noise_time(arch, 20_000, np.random.default_rng(0))
+    torch.testing.assert_close(t, again[1])
+    torch.testing.assert_close(noise, again[0])

@@ -9,22 +9,23 @@ import numpy as np
 import pytest
 import torch
 
+from ript_ds.env.inline import InlinePool
+from ript_ds.env.pool import EnvFactory
 from ript_ds.env.synthetic import expert_chunk
 from ript_ds.rl.bc import (
-    InlinePool,
     SyntheticSetup,
     behaviour_clone,
     build_synthetic_setup,
     collect_demos,
     evaluate,
-    sample_time,
     warm_start,
 )
 from ript_ds.rl.rollout import RolloutRequest, collect
 from ript_ds.rl.types import Context
 from ript_ds.rl.windows import episode_windows
 
-SETUP = SyntheticSetup()
+# Three tasks (one per colour): these tests check that the policy reads the instruction.
+SETUP = SyntheticSetup(n_tasks=3)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def demos(imperfection: float, per_task: int, seed: int = 0):
         imperfection,
         per_task,
         seed=seed,
-        init_states=SETUP.train_states,
+        init_states=SETUP.bc_states,
         replan_every=SETUP.replan_every,
         env_kwargs=SETUP.env_kwargs(),
     )
@@ -70,14 +71,6 @@ def test_demos_have_rollout_shapes_and_expected_outcomes():
     assert [ep.success for ep in again] == [ep.success for ep in half]  # seeded
 
 
-def test_sample_time_follows_pi0_beta():
-    t = sample_time(torch.Generator().manual_seed(0), 20_000)
-    assert t.dtype == torch.float32 and t.min() >= 0.001 and t.max() <= 1.0
-    assert abs(t.mean().item() - (0.6 * 0.999 + 0.001)) < 0.01  # Beta(1.5, 1) has mean 0.6
-    assert abs((t < 0.5).float().mean().item() - 0.5**1.5) < 0.01  # CDF x^1.5
-    torch.testing.assert_close(t, sample_time(torch.Generator().manual_seed(0), 20_000))
-
-
 @pytest.fixture
 def one_thread():
     """The timings in bc.py were measured on one torch thread; the machine has 2 busy cores."""
@@ -107,7 +100,12 @@ def test_inline_pool_runs_collect_like_the_env_pool():
         return np.stack([expert_chunk(o.state, t, 10) for o, t in zip(observations, task_specs, strict=True)])
 
     reqs = [RolloutRequest(Context(i % 3, i), tasks[i % 3], i) for i in range(7)]
-    result = collect(expert, InlinePool(3, SETUP.env_kwargs()), reqs, replan_every=SETUP.replan_every)
+    result = collect(
+        expert,
+        InlinePool(EnvFactory("synthetic", SETUP.env_kwargs()), 3),
+        reqs,
+        replan_every=SETUP.replan_every,
+    )
     assert [ep.context for ep in result.episodes] == [r.context for r in reqs]
     assert result.stats.success_rate == 1.0
     assert result.stats.policy_calls < sum(len(ep.replan_steps) for ep in result.episodes)
@@ -129,7 +127,7 @@ def test_bc_on_perfect_demos_reaches_high_success(one_thread):
     """
     policy, processor, tasks = build_synthetic_setup(0, SETUP)
     start = time.perf_counter()
-    losses = behaviour_clone(policy, processor, demos(0.0, SETUP.train_init_states), 700, 32, 3e-3, 0, tasks)
+    losses = behaviour_clone(policy, processor, demos(0.0, SETUP.bc_init_states), 700, 32, 3e-3, 0, tasks)
     bc_s = time.perf_counter() - start
     rate = evaluate(policy, processor, tasks, SETUP.heldout_states[:10], seed=1000, num_envs=30, setup=SETUP)
     assert losses[-1] < 0.2
@@ -138,7 +136,7 @@ def test_bc_on_perfect_demos_reaches_high_success(one_thread):
 
 
 def test_warm_start_uses_the_setup():
-    setup = dataclasses.replace(SETUP, train_init_states=5, bc_steps=3, bc_micro_batch=4)
+    setup = dataclasses.replace(SETUP, bc_init_states=5, bc_demos_per_state=1, bc_steps=3, bc_micro_batch=4)
     policy, _, tasks, losses = warm_start(0, setup)
     assert len(losses) == 3 and len(tasks) == setup.n_tasks
     assert policy.arch.chunk_size == setup.chunk_size and not policy.training

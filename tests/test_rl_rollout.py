@@ -24,7 +24,7 @@ def pool():
 
 
 @pytest.fixture(scope="module")
-def pi0_fn(tmp_path_factory):
+def processor(tmp_path_factory):
     tok = PromptTokenizer(
         build_tiny_tokenizer(tmp_path_factory.mktemp("tok"), [t.instruction for t in TASKS])
     )
@@ -32,7 +32,11 @@ def pi0_fn(tmp_path_factory):
         state=FeatureStats(mean=np.full(8, 0.5), std=np.full(8, 0.3)),
         actions=FeatureStats(mean=np.zeros(7), std=np.ones(7)),
     )
-    processor = Processor(tokenizer=tok, norm_stats=stats, action_dim=7)
+    return Processor(tokenizer=tok, norm_stats=stats, action_dim=7)
+
+
+@pytest.fixture(scope="module")
+def pi0_fn(processor):
     return make_pi0_policy_fn(tiny_policy(seed=0).eval(), processor, num_steps=3)
 
 
@@ -122,3 +126,20 @@ def test_video_written(pool, tmp_path):
     reader = imageio.get_reader(paths[0], format="FFMPEG")
     assert reader.count_frames() == len(eps[0].replan_steps)
     assert reader.get_data(0).shape == frames.shape[1:]
+
+
+def test_noise_scale_widens_chunks_and_one_is_the_default(processor):
+    """rollout.noise_scale multiplies the flow's initial noise: 1 is the policy itself, > 1 explores."""
+    env = SyntheticEnv(TASKS[0])
+    obs = [env.reset(i % 10, 0) for i in range(32)]
+    keys = [NoiseKey(100 + i, Context(0, i % 10), 0) for i in range(32)]  # same obs, different noise
+    policy = tiny_policy(seed=0).eval()
+
+    def chunks(**kwargs):
+        return make_pi0_policy_fn(policy, processor, num_steps=3, **kwargs)(obs, [TASKS[0]] * 32, keys)
+
+    np.testing.assert_array_equal(chunks(noise_scale=1.0), chunks())
+    spread = [chunks(noise_scale=s).reshape(32, -1).std(axis=0).mean() for s in (1.0, 2.0)]
+    assert spread[1] > 1.3 * spread[0], spread
+    with pytest.raises(ValueError, match="noise_scale must be > 0"):
+        make_pi0_policy_fn(policy, processor, noise_scale=0.0)

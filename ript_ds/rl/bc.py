@@ -3,14 +3,20 @@
 The CPU learning check (DESIGN: RIPT must raise success) needs a starting policy that is decent but
 not perfect: a tiny PI0 is cloned from ScriptedExpert demos in which a fraction `imperfection` of
 the episodes head for a wrong target for the whole episode, and the wrong-target behaviour is what
-RL must learn to drop. The clone succeeds less often than its demos: a Markov policy re-decides
-the target at every replanning step, so some episodes mix targets and stall in between.
+RL must learn to drop. The clone succeeds less often than its demos' target choice alone would
+suggest: a Markov policy re-decides the target at every replanning step, so many episodes mix
+targets and stall in between.
 
-Measured with the defaults (one torch thread, 2 busy CPU cores; held-out init states 300-329 of
-each task): perfect demos give 0.98 success after 700 BC steps (~16 s) and 1.0 after 2000 (90
-episodes each); with 1500 steps (33-48 s), imperfection 0.5 gives 0.29-0.34 and 0.4 gives
-0.37-0.44 (seeds 0 and 1, 180 episodes each). The data size matters most: 80 training init states
-per task gave only ~0.78 even with perfect demos.
+Why one task, 3 demos per state, and RL contexts beyond the BC states (measured, 2026-11-25, see
+docs/benchmarks.md "RIPT learning check"): with three tasks (one per colour) and one demo per
+init state, the clone memorised each training state's demo and barely read the instruction (at
+held-out states its first chunks pointed at the named target no more often than at the others),
+so RL repaired the training contexts it rolled out (0.36 -> 0.51) while held-out success did not
+move; sharpening "which target" there means learning to read the prompt from a few hundred
+successful episodes. With one task the right target is a global preference that RL sharpens for
+every state at once, and 3 demos per BC state (different seeds, so different goals) make the
+clone learn the mixture instead of one goal per state. Held-out init states are the last
+`heldout_init_states`; RL trains on every other state, most of which BC never saw.
 
 `SyntheticSetup` holds every number (arch, env, tokenizer, norm stats, sampling) so the trainer,
 tests, the demo and the benchmark share one definition; `build_synthetic_setup` makes the objects.
@@ -18,14 +24,11 @@ tests, the demo and the benchmark share one definition; `build_synthetic_setup` 
 BC trains the unconditioned branch only (cond=None): the condition embedding stays at its zero
 init, so after BC both CFG branches are the same network, exactly like a pretrained PI0 at step 0.
 
-Evaluation runs the synthetic envs in-process (`InlinePool`, the EnvPool command interface without
-worker processes) through rollout.collect: spawning workers costs ~1 s each, far more than a whole
-evaluation of the tiny model, and the numpy env gains nothing from a second process on 2 cores.
+Evaluation runs the synthetic envs in-process (env/inline.py) through rollout.collect.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import tempfile
@@ -38,11 +41,12 @@ import numpy as np
 import torch
 
 from ript_ds.env.base import ACTION_DIM, TaskSpec
-from ript_ds.env.pool import SlotReply
+from ript_ds.env.inline import InlinePool
+from ript_ds.env.pool import EnvFactory
 from ript_ds.env.synthetic import STATE_DIM, ScriptedExpert, SyntheticEnv, synthetic_tasks
 from ript_ds.model.arch import GemmaArch, PI0Arch, VisionArch
 from ript_ds.model.normalization import FeatureStats, NormStats
-from ript_ds.model.pi0 import PI0Batch, PI0Policy, reduce_loss
+from ript_ds.model.pi0 import PI0Batch, PI0Policy, reduce_loss, sample_noise_time
 from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
 from ript_ds.rl.rollout import RolloutRequest, RolloutResult, collect, make_pi0_policy_fn
 from ript_ds.rl.types import Context, Episode, TrainBatch, Window
@@ -58,9 +62,11 @@ class SyntheticSetup:
     """Every setting of the synthetic learning check, chosen so BC + RL run in minutes on 2 CPU cores."""
 
     # env
-    n_tasks: int = 3  # one per target colour: the instruction is the only thing that says which
-    num_init_states: int = 330  # per task; BC demos use the first `train_init_states`, eval the rest
-    train_init_states: int = 300  # init states [0, train_init_states) are for training, the rest held out
+    n_tasks: int = 1  # one target colour named by the instruction (see the module docstring)
+    num_init_states: int = 1000  # per task: BC demos, RL training contexts and held-out states
+    heldout_init_states: int = 200  # the last ones, never trained on: eval/success_rate (std ~0.035)
+    bc_init_states: int = 300  # BC demos start from init states [0, bc_init_states)
+    bc_demos_per_state: int = 3  # demos per BC init state (different seeds, so different goals)
     max_steps: int = 40  # env steps per episode
     difficulty: float = 0.0  # synthetic env difficulty (success radius, actuation noise)
     image_size: int = 32
@@ -79,8 +85,8 @@ class SyntheticSetup:
     state_std: float = 0.3
     extra_env_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. max_step
     # behaviour-cloning warm start (measured: see tests/test_rl_bc.py and the module docstring)
-    expert_imperfection: float = 0.4  # share of demos that head for a wrong target
-    bc_steps: int = 1500  # ~35 s on one CPU thread
+    expert_imperfection: float = 0.65  # share of demos that head for a wrong target
+    bc_steps: int = 1000  # ~30 s on one CPU thread
     bc_micro_batch: int = 32
     bc_lr: float = 3e-3
 
@@ -123,12 +129,17 @@ class SyntheticSetup:
         )
 
     @property
+    def bc_states(self) -> list[int]:
+        return list(range(self.bc_init_states))
+
+    @property
     def train_states(self) -> list[int]:
-        return list(range(self.train_init_states))
+        """RL training contexts: every init state that is not held out (BC's included)."""
+        return list(range(self.num_init_states - self.heldout_init_states))
 
     @property
     def heldout_states(self) -> list[int]:
-        return list(range(self.train_init_states, self.num_init_states))
+        return list(range(self.num_init_states - self.heldout_init_states, self.num_init_states))
 
 
 def build_synthetic_setup(
@@ -242,15 +253,6 @@ def _expert_episode(
 
 
 # ---------------------------------------------------------------------------- behaviour cloning
-def sample_time(generator: torch.Generator, n: int) -> torch.Tensor:
-    """PI0's flow-matching time distribution: Beta(1.5, 1) * 0.999 + 0.001, drawn from `generator`.
-
-    Beta(a, 1) has CDF x^a, so inverse-CDF sampling needs only a uniform: x = u^(1/a).  -> [n]
-    """
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
-    return (u ** (1.0 / 1.5) * 0.999 + 0.001).to(torch.float32)
-
-
 def windows_to_batch(
     processor: Processor, windows: Sequence[Window], tasks: Sequence[TaskSpec]
 ) -> tuple[PI0Batch, torch.Tensor]:
@@ -274,8 +276,9 @@ def behaviour_clone(
 ) -> list[float]:
     """AdamW on the flow-matching loss over every window of `episodes`; returns the loss per step.
 
-    Windows are drawn without replacement (reshuffled each pass) from a seeded generator, which
-    also draws the noise and the time. `tasks` maps task ids to instructions (default: the
+    Windows are drawn without replacement (reshuffled each pass) from a seeded torch generator;
+    noise and time come from model.pi0.sample_noise_time (the RL update's sampler) with a numpy
+    generator from the same seed. `tasks` maps task ids to instructions (default: the
     synthetic tasks numbered like the episodes' contexts). cond=None (see the module docstring).
     """
     chunk = policy.arch.chunk_size
@@ -285,6 +288,7 @@ def behaviour_clone(
     if tasks is None:
         tasks = synthetic_tasks(max(ep.context.task_id for ep in episodes) + 1, 1)
     gen = torch.Generator().manual_seed(seed)
+    draws = np.random.default_rng([seed, 1])
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=weight_decay)
     # Linear warm-up over 5% of the steps, then cosine decay to 0, which sharpens the end-point
     # precision the synthetic env's small success radius needs.
@@ -302,8 +306,7 @@ def behaviour_clone(
         idx = order[cursor : cursor + micro_batch].tolist()
         cursor += micro_batch
         batch, mask = windows_to_batch(processor, [windows[i] for i in idx], tasks)
-        noise = torch.randn(len(idx), chunk, arch.max_action_dim, generator=gen)
-        t = sample_time(gen, len(idx))
+        noise, t = sample_noise_time(arch, len(idx), draws)
         loss = reduce_loss(policy.loss(batch, noise, t), mask, processor.action_dim).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -327,9 +330,9 @@ def warm_start(
     demos = collect_demos(
         tasks,
         setup.expert_imperfection,
-        setup.train_init_states,
+        setup.bc_init_states * setup.bc_demos_per_state,
         seed,
-        init_states=setup.train_states,
+        init_states=setup.bc_states,
         replan_every=setup.replan_every,
         env_kwargs=setup.env_kwargs(),
     )
@@ -341,43 +344,6 @@ def warm_start(
 
 
 # ---------------------------------------------------------------------------- evaluation
-class InlinePool:
-    """EnvPool's driver interface (send_reset / send_step / gather) over in-process synthetic envs."""
-
-    def __init__(self, num_workers: int, env_kwargs: dict[str, Any] | None = None) -> None:
-        self.env_kwargs = env_kwargs or {}
-        self._templates: dict[TaskSpec, SyntheticEnv] = {}
-        self._envs: list[dict[TaskSpec, SyntheticEnv]] = [{} for _ in range(num_workers)]
-        self._current: list[SyntheticEnv | None] = [None] * num_workers
-        self._replies: dict[int, SlotReply] = {}
-
-    @property
-    def num_workers(self) -> int:
-        return len(self._envs)
-
-    def send_reset(self, slot: int, task: TaskSpec, init_state_idx: int, seed: int) -> None:
-        if task not in self._envs[slot]:
-            # Building an env generates its init states (~70 ms for 330 states); copy one per task.
-            if task not in self._templates:
-                self._templates[task] = SyntheticEnv(task, **self.env_kwargs)
-            self._envs[slot][task] = copy.deepcopy(self._templates[task])
-        env = self._current[slot] = self._envs[slot][task]
-        self._replies[slot] = SlotReply(env.reset(init_state_idx, seed), 0, False, False)
-
-    def send_step(self, slot: int, actions: np.ndarray) -> None:
-        env, executed, result = self._current[slot], 0, None
-        for action in np.asarray(actions, dtype=np.float32):
-            result = env.step(action)
-            executed += 1
-            if result.done:
-                break
-        self._replies[slot] = SlotReply(result.obs, executed, result.success, result.done)
-
-    def gather(self) -> dict[int, SlotReply]:
-        replies, self._replies = self._replies, {}
-        return replies
-
-
 def rollout_inline(
     policy: PI0Policy,
     processor: Processor,
@@ -390,7 +356,8 @@ def rollout_inline(
 ) -> RolloutResult:
     """rollout.collect with the PI0 policy on `num_envs` in-process synthetic envs."""
     fn = make_pi0_policy_fn(policy.eval(), processor, num_steps=num_steps, guidance=guidance)
-    return collect(fn, InlinePool(num_envs, env_kwargs), requests, replan_every=replan_every)
+    pool = InlinePool(EnvFactory("synthetic", env_kwargs or {}), num_envs)
+    return collect(fn, pool, requests, replan_every=replan_every)
 
 
 def evaluate(

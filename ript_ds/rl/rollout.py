@@ -209,11 +209,16 @@ def make_pi0_policy_fn(
     guidance: float | None = None,
     base_seed: int = 0,
     device: torch.device | str = "cpu",
+    noise_scale: float = 1.0,
 ) -> PolicyFn:
     """A PolicyFn that runs PI0 once per call for the whole batch; noise per env from its NoiseKey.
 
     `base_seed` is added to every episode seed (one knob to vary all noise, e.g. per iteration).
+    `noise_scale` multiplies the flow's initial noise: > 1 widens the sampled chunks (exploration in
+    training rollouts); evaluation keeps 1, the policy's own distribution.
     """
+    if noise_scale <= 0:
+        raise ValueError(f"noise_scale must be > 0, got {noise_scale}")
     arch = policy.arch
 
     def policy_fn(observations: list[Observation], tasks: list[TaskSpec], keys: list[NoiseKey]) -> np.ndarray:
@@ -232,6 +237,8 @@ def make_pi0_policy_fn(
                 for k in keys
             ]
         ).to(device)  # [n, H, A_max], drawn on CPU so it is identical on every device
+        if noise_scale != 1.0:
+            noise = noise * noise_scale
         with torch.no_grad():
             actions = policy.sample_actions(batch, noise, num_steps, guidance)
         return processor.decode_actions(actions)  # [n, H, action_dim]

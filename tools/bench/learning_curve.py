@@ -1,6 +1,7 @@
 """RIPT learning check on the synthetic env: warm start by BC on imperfect demos, then RIPT with each
-objective on the same budget; held-out success (eval/success_rate, iteration 0 = the warm start) and
-training-context rollout success per iteration, sampler statistics, and a PNG of the curves.
+objective on the same budget (launch/configs/demo.yaml's settings), plus cfg without exploration
+noise (rollout.noise_scale=1) as the ablation; held-out success (eval/success_rate, iteration 0 =
+the warm start), training rollout success per iteration, sampler statistics, and a PNG.
 
     python tools/bench/learning_curve.py --iterations 12 --losses cfg awr fpo
 """
@@ -22,26 +23,31 @@ from ript_ds.trainer import Trainer
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_one(warm, loss: str, iterations: int, out: Path, extra: list[str]) -> tuple[list[dict], float]:
-    overrides = ript_overrides(warm, iterations, loss=loss, eval_every=3)
+def run_one(
+    warm, label: str, loss: str, iterations: int, eval_every: int, out: Path, extra: list[str]
+) -> tuple[list[dict], float]:
+    overrides = ript_overrides(warm, iterations, loss=loss, eval_every=eval_every)
+    name = label.replace(" ", "_").replace("=", "")
     cfg = load_config(
-        ROOT / "launch/configs/demo.yaml", [*overrides, f"output_dir={out}", f"run_name={loss}", *extra]
+        ROOT / "launch/configs/demo.yaml", [*overrides, f"output_dir={out}", f"run_name={name}", *extra]
     )
     start = time.perf_counter()
     Trainer(cfg).setup().run()
-    rows = [json.loads(line) for line in (out / loss / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     return rows, time.perf_counter() - start
 
 
 def table(results: dict[str, tuple[list[dict], float]]) -> str:
     lines = [
-        "| objective | held-out success by iteration | rollout success (first 3 -> last 3 its) | kept / sampled groups | all-success / all-fail dropped | wall s |",
-        "|---|---|---|---|---|---|",
+        "| objective | held-out success by iteration | first iteration >= start + 0.30 | rollout success (first 3 -> last 3 its) | kept / sampled groups | all-success / all-fail dropped | wall s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for loss, (rows, seconds) in results.items():
         evals = ", ".join(
             f"{r['iteration']}: {r['eval/success_rate']:.2f}" for r in rows if "eval/success_rate" in r
         )
+        curve = [(r["iteration"], r["eval/success_rate"]) for r in rows if "eval/success_rate" in r]
+        reached = next((str(i) for i, v in curve if v >= curve[0][1] + 0.30), "not reached")
         roll = [r["rollout/success_rate"] for r in rows if "rollout/success_rate" in r]
         first, last = sum(roll[:3]) / 3, sum(roll[-3:]) / 3
         kept = sum(r.get("sampler/groups_kept", 0) for r in rows)
@@ -49,7 +55,7 @@ def table(results: dict[str, tuple[list[dict], float]]) -> str:
         succ = sum(r.get("sampler/dropped_all_success", 0) for r in rows)
         fail = sum(r.get("sampler/dropped_all_fail", 0) for r in rows)
         lines.append(
-            f"| {loss} | {evals} | {first:.2f} -> {last:.2f} | {kept:.0f} / {sampled:.0f} | {succ:.0f} / {fail:.0f} | {seconds:.0f} |"
+            f"| {loss} | {evals} | {reached} | {first:.2f} -> {last:.2f} | {kept:.0f} / {sampled:.0f} | {succ:.0f} / {fail:.0f} | {seconds:.0f} |"
         )
     return "\n".join(lines)
 
@@ -76,7 +82,9 @@ def plot(results: dict[str, tuple[list[dict], float]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--iterations", type=int, default=12)
+    parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--losses", nargs="+", default=["cfg", "awr", "fpo"])
+    parser.add_argument("--no-ablation", action="store_true", help="skip cfg with rollout.noise_scale=1")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "learning_curve")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. train.lr=1e-4")
@@ -84,7 +92,15 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     set_threads(1)
     warm = prepare_warm_start(args.out / "warm_start", seed=0)
-    results = {loss: run_one(warm, loss, args.iterations, args.out, args.overrides) for loss in args.losses}
+    runs = [(loss, loss, []) for loss in args.losses]
+    if not args.no_ablation:
+        runs.append(("cfg noise_scale=1", "cfg", ["rollout.noise_scale=1.0"]))
+    results = {
+        label: run_one(
+            warm, label, loss, args.iterations, args.eval_every, args.out, [*extra, *args.overrides]
+        )
+        for label, loss, extra in runs
+    }
     body = table(results)
     print(body)
     if not args.no_write:

@@ -1,0 +1,62 @@
+"""EnvPool's driver interface over envs living in this process, for cheap numpy envs.
+
+A worker process per env buys crash isolation and parallel rendering, which LIBERO needs; the
+synthetic env steps in microseconds, so there the processes only add IPC and ~1 s of spawn time
+each (measured: a rollout phase of the tiny PI0 ran ~3x faster in-process on 2 cores). Commands
+execute at once; `gather()` returns the replies, as EnvPool's would arrive.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from ript_ds.env.base import Env, TaskSpec
+from ript_ds.env.pool import EnvFactory, SlotReply
+
+
+class InlinePool:
+    """`num_workers` slots, each with its own env per task, stepped in the calling process."""
+
+    def __init__(self, factory: EnvFactory, num_workers: int) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.factory = factory
+        self._templates: dict[TaskSpec, Env] = {}
+        self._envs: list[dict[TaskSpec, Env]] = [{} for _ in range(num_workers)]
+        self._current: list[Env | None] = [None] * num_workers
+        self._replies: dict[int, SlotReply] = {}
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._envs)
+
+    def send_reset(self, slot: int, task: TaskSpec, init_state_idx: int, seed: int) -> None:
+        if task not in self._envs[slot]:
+            # Building a synthetic env generates its init states (~70 ms for 330); copy one per task.
+            if task not in self._templates:
+                self._templates[task] = self.factory.make(task)
+            self._envs[slot][task] = copy.deepcopy(self._templates[task])
+        env = self._current[slot] = self._envs[slot][task]
+        self._replies[slot] = SlotReply(env.reset(init_state_idx, seed), 0, False, False)
+
+    def send_step(self, slot: int, actions: np.ndarray) -> None:
+        env, executed, result = self._current[slot], 0, None
+        for action in np.asarray(actions, dtype=np.float32):
+            result = env.step(action)
+            executed += 1
+            if result.done:
+                break
+        self._replies[slot] = SlotReply(result.obs, executed, result.success, result.done)
+
+    def gather(self) -> dict[int, SlotReply]:
+        replies, self._replies = self._replies, {}
+        return replies
+
+    def close(self) -> None:
+        for envs in self._envs:
+            for env in envs.values():
+                env.close()
+        self._envs = [{} for _ in self._envs]
+        self._templates.clear()

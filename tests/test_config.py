@@ -64,6 +64,6 @@ def test_bad_files(tmp_path):
 
 
 def test_in_process_envs_are_for_the_synthetic_env_only():
-    with pytest.raises(ConfigError, match="rollout.in_process=true is for env.kind=synthetic only"):
+    with pytest.raises(ConfigError, match=r"rollout\.in_process=true is for env\.kind=synthetic only"):
         load_config(None, ["env.kind=libero", "env.suite=libero_spatial", "rollout.in_process=true"])
     assert load_config(None, ["rollout.in_process=true"]).rollout.in_process

@@ -107,6 +107,13 @@ def job_train(out: Path, world: int) -> dict:
     result["lr"] = e.lr
     result["peak_gb"] = e.peak_memory_gb()
     result["t_z2"] = time.time() - t0
+    e = make_engine("zero0.json")  # no ZeRO: DeepSpeed's own all-reduce, skipped on one rank
+    result["z0"], result["z0_norms"] = train_steps(e, range(STEPS))
+    result["z0_backward_allreduce"] = e._engine.enable_backward_allreduce
+    e.save(out / f"ckpt_z0_{world}", "s3", {"step": 3})
+    result["z0_step4"], _ = train_steps(e, range(STEPS, STEPS + 1))
+    e.load(out / f"ckpt_z0_{world}", "s3")
+    result["z0_step4_resumed"], _ = train_steps(e, range(STEPS, STEPS + 1))
     if world == 1:  # the same global batch in two accumulated micro-batches
         e = make_engine("zero2.json", accum=2)
         result["accum"], result["accum_norms"] = [], []

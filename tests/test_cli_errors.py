@@ -111,7 +111,7 @@ def test_missing_deepspeed_json(tmp_path, capsys):
     _assert_one_line(capsys.readouterr().err, "engine.deepspeed_config: /nonexistent/ds.json does not exist")
 
 
-@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
+@pytest.mark.parametrize("name", ["zero0.json", "zero2.json", "zero3.json", "zero3_offload.json"])
 @pytest.mark.parametrize("cuda", [False, True])
 def test_shipped_deepspeed_jsons_pass(name, cuda, tmp_path, monkeypatch):
     cfg = load_config()

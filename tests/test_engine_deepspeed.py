@@ -177,6 +177,16 @@ def test_one_rank_equals_two_ranks(runs):
 
 
 @pytest.mark.multirank
+def test_stage0_matches_zero2_and_reports_the_norm(runs):
+    for job, world in (("train1", 1), ("train2", 2)):
+        r = runs[job][0]
+        assert _close(r["z0"], r["z2"]), (r["z0"], r["z2"])  # 2 ranks: gradients still averaged
+        assert _close(r["z0_norms"], r["z2_norms"], 1e-4), (r["z0_norms"], r["z2_norms"])
+        assert r["z0_backward_allreduce"] == (world > 1)
+        assert r["z0_step4"] == r["z0_step4_resumed"]
+
+
+@pytest.mark.multirank
 def test_gradient_accumulation_matches_one_big_batch(runs):
     one = runs["train1"][0]
     assert _close(one["accum"], one["z2"]), (one["accum"], one["z2"])

@@ -2,7 +2,7 @@
 
 `DeepSpeedEngine` builds the PI0 policy (inside `zero.Init` under ZeRO-3, so no rank ever holds the whole
 model), loads its weights parameter by parameter, freezes what PI0 never reads, optionally wraps LoRA
-adapters (peft), and hands DeepSpeed a client torch AdamW plus a warm-up/constant-or-cosine schedule.
+adapters (peft), and hands DeepSpeed a client torch AdamW (fused) plus a warm-up/constant-or-cosine schedule.
 Trainers call only this object: forward/backward/step, `rollout_context()` for sampling, save/load.
 
 The DeepSpeed JSON holds engine knobs only (stage, offload, buckets, overlap). Batch sizes, accumulation,
@@ -196,6 +196,11 @@ class DeepSpeedEngine:
         self._engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
+        self._trainable = trainable
+        if self.stage == 0 and dist.world_size() == 1:
+            # Without ZeRO, DeepSpeed all-reduces every gradient through a flat buffer (flatten, reduce
+            # with itself, copy back): three passes over the gradients that change nothing on one rank.
+            self._engine.enable_backward_allreduce = False
         n_train = sum(_numel(p) for p in trainable)
         n_all = sum(_numel(p) for p in model.parameters())
         logger.info(
@@ -258,7 +263,9 @@ class DeepSpeedEngine:
                 logger.warning(
                     "DeepSpeedCPUAdam unavailable (%s); using torch AdamW on the CPU partitions", err
                 )
-        return torch.optim.AdamW(params, **kwargs)
+        # Fused: one kernel over each tensor. ZeRO-1/2 hand AdamW one flat fp32 partition, where the default
+        # for-loop AdamW's full-size temporaries cost ~2x the step (docs/benchmarks.md, engine_overhead).
+        return torch.optim.AdamW(params, fused=True, **kwargs)
 
     # ------------------------------------------------------------------ training
     @property
@@ -296,10 +303,15 @@ class DeepSpeedEngine:
         """Optimizer step at an accumulation boundary (clip, step, LR schedule); returns the grad norm
         before clipping there, None on the other micro-steps."""
         boundary = self._engine.is_gradient_accumulation_boundary()
+        norm = None
+        if boundary and self.stage == 0:
+            # Without ZeRO, DeepSpeed clips but keeps no norm (get_global_grad_norm() stays None); the
+            # gradients are already reduced over ranks at the boundary's backward.
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self._trainable if p.grad is not None])
         self._engine.step()
         if not boundary:
             return None
-        norm = self._engine.get_global_grad_norm()
+        norm = self._engine.get_global_grad_norm() if norm is None else norm
         return None if norm is None else float(norm)
 
     @property

@@ -9,14 +9,15 @@ The full curve and the cfg / awr / fpo comparison live in tools/bench/learning_c
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import ROOT
 
-from ript_ds.config import load_config
 from ript_ds.learning import prepare_warm_start, ript_overrides
-from ript_ds.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +38,17 @@ def one_thread():
 def test_ript_raises_held_out_success(tmp_path, one_thread):
     warm = prepare_warm_start(tmp_path / "warm_start", seed=0)
     overrides = ript_overrides(warm, ITERATIONS, loss="cfg", eval_every=ITERATIONS)
-    cfg = load_config(
-        ROOT / "launch/configs/demo.yaml", [*overrides, f"output_dir={tmp_path}", "run_name=ript"]
-    )
-    Trainer(cfg).setup().run()
+    # The user's entry point, in its own process: a trainer in the test process would leave its
+    # 1-rank process group (and RANK / MASTER_PORT in os.environ) to every later test's launches.
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",  # as the measurement: the tiny model runs fastest on one thread
+        "TORCH_EXTENSIONS_DIR": str(ROOT / ".torch_extensions"),
+    }
+    cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", str(ROOT / "launch/configs/demo.yaml")]
+    cmd += [*overrides, f"output_dir={tmp_path}", "run_name=ript"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
     rows = [json.loads(line) for line in (tmp_path / "ript" / "metrics.jsonl").read_text().splitlines()]
     evals = {r["iteration"]: r["eval/success_rate"] for r in rows if "eval/success_rate" in r}
     assert sorted(evals) == [0, ITERATIONS]

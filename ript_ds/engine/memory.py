@@ -20,7 +20,7 @@ the GPU keeps persistent parameters, the buckets, gathered parameters and activa
 
 Transients on top: autograd's full fp32 gradient of the largest trainable parameter before it is reduced
 (the 257152 x 2048 token embedding: 2 GiB), and at the optimizer step (activations gone) a flat fp32 copy of
-the gradient partition beside the gradients, then AdamW's partition-sized temporary.
+the gradient partition beside the gradients (ZeRO-2 with N > 1; the fused AdamW adds none).
 
 Rollout phase (engine.rollout_context): under ZeRO-3 every parameter is gathered once, fp32 (4 Psi, N > 1);
 and because the whole rollout runs inside one torch.autocast, autocast caches a bf16 copy of every
@@ -233,12 +233,16 @@ def estimate(
     autocast_cache = BF16 * sum(p.numel for p in trainable if p.low_precision and p.used)
     state = model_state(params, zero, world)
     # At the step a flat fp32 copy of the gradient partition is made while the gradients still exist
-    # (ZeRO-2 then frees them; ZeRO-3 keeps its buffer), and torch's AdamW adds one partition-sized
-    # temporary (the sqrt of the second moment).
+    # (ZeRO-2 then frees them; ZeRO-3 keeps its buffer); on one ZeRO-1/2 rank the contiguous gradient
+    # buffer already is that flat partition. The engine's AdamW is fused: no temporaries of its own
+    # (measured on CPU: the step transient is exactly these copies).
     part = FP32 * _ceil_div(sum(p.numel for p in trainable), world)
-    step = (
-        0 if zero.offload_optimizer else (2 * part if zero.stage == 3 else max(state.grads + part, 2 * part))
-    )
+    if zero.offload_optimizer:
+        step = 0
+    elif zero.stage == 3 or world == 1:
+        step = part
+    else:
+        step = state.grads + part
     if zero.stage == 3 and world > 1:  # after the step ZeRO-3 re-gathers the persistent parameters
         step = max(step, FP32 * sum(p.numel for p in params if p.numel <= zero.persistence_threshold))
     return Estimate(

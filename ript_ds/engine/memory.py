@@ -232,17 +232,16 @@ def estimate(
         full = FP32 * sharded  # rollout_context gathers every parameter
     autocast_cache = BF16 * sum(p.numel for p in trainable if p.low_precision and p.used)
     state = model_state(params, zero, world)
-    # At the step a flat fp32 copy of the gradient partition is made while the gradients still exist
-    # (ZeRO-2 then frees them; ZeRO-3 keeps its buffer); on one ZeRO-1/2 rank the contiguous gradient
-    # buffer already is that flat partition. The engine's AdamW is fused: no temporaries of its own
-    # (measured on CPU: the step transient is exactly these copies).
+    # At the step (measured on CPU with the engine's fused AdamW, which adds no temporaries): a flat
+    # fp32 copy of the gradient partition under ZeRO-3 and under ZeRO-1/2 on one rank; ZeRO-1/2 on N > 1
+    # ranks hold two partition-sized buffers on every rank, whatever its boundary-cut gradients hold.
     part = FP32 * _ceil_div(sum(p.numel for p in trainable), world)
     if zero.offload_optimizer:
         step = 0
     elif zero.stage == 3 or world == 1:
         step = part
     else:
-        step = state.grads + part
+        step = 2 * part
     if zero.stage == 3 and world > 1:  # after the step ZeRO-3 re-gathers the persistent parameters
         step = max(step, FP32 * sum(p.numel for p in params if p.numel <= zero.persistence_threshold))
     return Estimate(

@@ -34,7 +34,7 @@ class InlinePool:
 
     def send_reset(self, slot: int, task: TaskSpec, init_state_idx: int, seed: int) -> None:
         if task not in self._envs[slot]:
-            # Building a synthetic env generates its init states (~70 ms for 330); copy one per task.
+            # Building a synthetic env generates all its init states; build one per task, copy it per slot.
             if task not in self._templates:
                 self._templates[task] = self.factory.make(task)
             self._envs[slot][task] = copy.deepcopy(self._templates[task])

@@ -133,11 +133,6 @@ class SyntheticSetup:
         return list(range(self.bc_init_states))
 
     @property
-    def train_states(self) -> list[int]:
-        """RL training contexts: every init state that is not held out (BC's included)."""
-        return list(range(self.num_init_states - self.heldout_init_states))
-
-    @property
     def heldout_states(self) -> list[int]:
         return list(range(self.num_init_states - self.heldout_init_states, self.num_init_states))
 

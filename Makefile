@@ -45,6 +45,7 @@ bench: install
 	cd tools/bench && ../../$(PY) sample_latency.py
 	cd tools/bench && ../../$(PY) rollout_throughput.py
 	cd tools/bench && ../../$(PY) learning_curve.py
+	cd tools/bench && ../../$(PY) inline_pool.py
 	cd tools/bench && ../../$(PY) memory_check.py
 
 clean:

@@ -51,6 +51,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--camera-size", type=int, default=256, help="LIBERO render size before resize-with-pad")
     p.add_argument("--max-steps", type=int, help="override the suite's episode cap (tests, debugging)")
     p.add_argument("--num-inference-steps", type=int, help="denoising steps (default: the checkpoint's)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="precision (model.pi0.precision); auto: the training run's model.dtype, else float32",
+    )
     p.add_argument("--step-timeout", type=float, default=120.0, help="seconds before a silent env is failed")
     p.add_argument("--out", help="output directory (default: see above)")
     p.add_argument("--videos", type=int, default=0, help="mp4s to write, failures and successes alternating")
@@ -115,6 +121,16 @@ def check_args(args: argparse.Namespace) -> None:
         raise EvalError(f"checkpoint directory {args.checkpoint} does not exist")
     if args.tokenizer is not None and not Path(args.tokenizer).exists():
         raise EvalError(f"tokenizer {args.tokenizer} does not exist")
+    if args.num_inference_steps is not None and args.num_inference_steps < 1:
+        raise EvalError("--num-inference-steps must be >= 1")
+    from ript_ds.model.weights import CANONICAL_WEIGHTS, CheckpointError, inspect_checkpoint
+
+    weights = Path(args.checkpoint) / CANONICAL_WEIGHTS
+    if weights.exists() or weights.with_name(weights.name + ".index.json").exists():
+        try:  # headers only: a corrupt or truncated file fails here, before any process group
+            inspect_checkpoint(args.checkpoint)
+        except CheckpointError as err:
+            raise EvalError(f"--checkpoint: {err}") from None
 
 
 def resolve_checkpoint(
@@ -141,6 +157,20 @@ def resolve_checkpoint(
         raise EvalError(f"exporting {tag_dir}: {err}") from None
     log.info("exported training checkpoint %s to %s (lora: %s)", tag_dir, out, result.lora)
     return out, tag_dir
+
+
+def resolve_dtype(requested: str, tag_dir: Path | None) -> str:
+    """--dtype auto evaluates a training checkpoint with the precision its rollouts used (its run's
+    config.yaml beside checkpoints/), so eval and training rollouts see the same numerics."""
+    if requested != "auto":
+        return requested
+    under_run = tag_dir is not None and tag_dir.parent.name == "checkpoints"
+    config = tag_dir.parent.parent / "config.yaml" if under_run else None
+    if config is not None and config.exists():
+        import yaml
+
+        return (yaml.safe_load(config.read_text()) or {}).get("model", {}).get("dtype", "float32")
+    return "float32"
 
 
 def default_out(checkpoint: Path, tag_dir: Path | None) -> Path:
@@ -214,6 +244,7 @@ def run(args: argparse.Namespace) -> dict:
                 f"({min(t.num_init_states for t in comp.tasks)})"
             )
         policy = comp.policy.to(device).eval()
+        dtype = resolve_dtype(args.dtype, tag_dir)
         requests = [
             RolloutRequest(Context(t.task_id, i), t, ev.EVAL_SEED + i)
             for t in comp.tasks
@@ -231,7 +262,7 @@ def run(args: argparse.Namespace) -> dict:
             guidance,
             device,
         )
-        policy_fn = make_pi0_policy_fn(policy, comp.processor, guidance=guidance, device=device)
+        policy_fn = make_pi0_policy_fn(policy, comp.processor, guidance=guidance, device=device, dtype=dtype)
         start = time.perf_counter()
         bar = episode_bar(len(mine), dist.is_main(), desc="eval")
         with (
@@ -276,7 +307,8 @@ def run(args: argparse.Namespace) -> dict:
             "seed": ev.EVAL_SEED,
             "max_steps": {t.task_id: t.max_steps for t in comp.tasks},
             "guidance": guidance,
-            "num_inference_steps": args.num_inference_steps or policy.arch.num_inference_steps,
+            "dtype": dtype,
+            "num_inference_steps": policy.arch.num_inference_steps,  # what sampled: build.arch_overrides
             "camera_size": args.camera_size if suite != "synthetic" else None,
             "ranks": world,
             "num_envs_per_rank": args.num_envs,

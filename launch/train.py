@@ -5,6 +5,7 @@
     srun python launch/train.py ...        python launch/train.py --config launch/configs/demo.yaml
 
 Overrides are `section.key=value` (e.g. train.lr=1e-5 ript.loss=awr); `--help-config` lists every field.
+`--resume auto|none|PATH` is ckpt.resume (auto: the run's newest complete checkpoint).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--config", help="experiment YAML (launch/configs/*.yaml)")
     parser.add_argument("--deepspeed", help="DeepSpeed engine JSON (ds_configs/*.json); default zero2")
+    parser.add_argument("--resume", help="auto | none | PATH: sets ckpt.resume (default auto)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--help-config", action="store_true", help="list every config field with its doc")
@@ -31,15 +33,30 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def preflight(cfg: ExperimentCfg, ds_config: str | None) -> None:
-    """Checks that need the DeepSpeed JSON or the machine, still before any distributed init."""
+def overrides_with_resume(args: argparse.Namespace) -> list[str]:
+    """--resume is ckpt.resume; given both ways with different values, neither wins silently."""
+    if args.resume is None:
+        return args.overrides
+    given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("ckpt.resume=")]
+    if any(value != args.resume for value in given):
+        raise ConfigError(f"--resume {args.resume} conflicts with ckpt.resume={given[0]}; give one of them")
+    return [*args.overrides, f"ckpt.resume={args.resume}"]
+
+
+def preflight(cfg: ExperimentCfg, ds_config: str | None) -> ExperimentCfg:
+    """Checks that need the DeepSpeed JSON, the checkpoint's headers, the tokenizer or the machine, still
+    before any distributed init. Returns cfg with the --deepspeed file and its ZeRO stage recorded."""
     import torch
 
-    from ript_ds.engine.ds_json import check_ds_json, load_ds_json
+    from ript_ds.build import check_model
+    from ript_ds.engine.ds_json import check_ds_json, load_ds_json, with_deepspeed_json
 
-    path, ds = load_ds_json(ds_config or cfg.engine.deepspeed_config)  # --deepspeed wins, as in the trainer
+    cfg = with_deepspeed_json(cfg, ds_config)  # --deepspeed wins over engine.deepspeed_config
+    path, ds = load_ds_json(cfg.engine.deepspeed_config)
     bf16 = cfg.model.dtype == "bfloat16"
     check_ds_json(path, ds, cfg.train, bf16, cuda_available=torch.cuda.is_available())
+    check_model(cfg)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,17 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         print(describe_config())
         return 0
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        import yaml
+        cfg = load_config(args.config, overrides_with_resume(args))
+        if args.print_config:
+            import yaml
 
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-        return 0
-    try:
-        preflight(cfg, args.deepspeed)
+            from ript_ds.engine.ds_json import with_deepspeed_json
+
+            print(yaml.safe_dump(with_deepspeed_json(cfg, args.deepspeed).to_dict(), sort_keys=False), end="")
+            return 0
+        cfg = preflight(cfg, args.deepspeed)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -68,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler()
     handler.addFilter(MainRankFilter())
     logging.basicConfig(level=cfg.log.level, handlers=[handler], format="%(asctime)s %(name)s: %(message)s")
-    Trainer(cfg, args.deepspeed).setup().run()
+    Trainer(cfg).setup().run()  # the --deepspeed file is in cfg.engine (config.yaml, resume check)
     return 0
 
 

@@ -2,6 +2,15 @@
 
 One place decides how a config maps onto components, so the trainer, launch/eval.py, the demo and
 the tests build them the same way. No distributed code here.
+
+Tokenizer rule: `model.tokenizer_path` when set; else `tokenizer.model` / `tokenizer.json` in the
+`model.checkpoint` directory; else, only for a tiny model (a token embedding of at most TINY_VOCAB rows:
+`model.arch=tiny` without a checkpoint, or a tiny checkpoint such as the tests' or the synthetic
+demo's), a small tokenizer trained in code on the run's task prompts. Anything else (a real PI0 with no
+tokenizer) is a config error, as is a tokenizer with more pieces than the embedding has rows. A tiny
+checkpoint trained with a tiny tokenizer should carry it (the demo's warm start does): one rebuilt from
+other prompts maps words to other ids. `check_model` runs all of it from file headers before
+distributed init (launch/train.py); build_processor applies the same functions.
 """
 
 from __future__ import annotations
@@ -14,14 +23,17 @@ from ript_ds.config import ConfigError, ExperimentCfg
 from ript_ds.env.base import ACTION_DIM, TaskSpec
 from ript_ds.env.pool import EnvFactory
 from ript_ds.model.arch import PI0Arch
-from ript_ds.model.normalization import NormStats
+from ript_ds.model.normalization import NormStats, load_norm_stats
 from ript_ds.model.pi0 import PI0Policy
-from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
-from ript_ds.model.weights import CheckpointError, load_checkpoint
+from ript_ds.model.processing import TOKENIZER_FILES, Processor, PromptTokenizer, build_tiny_tokenizer
+from ript_ds.model.weights import CheckpointError, inspect_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
 
 STATE_DIM = 8  # LIBERO's and the synthetic env's proprioceptive state
+# A token embedding this small is one of the built-in tiny models (PI0Arch.tiny, the synthetic set-up):
+# no real tokenizer fits it, so the tiny tokenizer cannot stand in for a real one by accident.
+TINY_VOCAB = PI0Arch.tiny().vocab_size
 
 
 def build_tasks(cfg: ExperimentCfg) -> list[TaskSpec]:
@@ -47,12 +59,85 @@ def build_tasks(cfg: ExperimentCfg) -> list[TaskSpec]:
     return [all_tasks[i] for i in env.task_ids]
 
 
+def arch_overrides(cfg: ExperimentCfg) -> dict[str, int]:
+    """Arch fields the run config sets over a checkpoint's own: the one place that applies them, for a
+    fresh model, load_checkpoint and the ZeRO-3 engine alike (model.num_inference_steps; None keeps the
+    checkpoint's)."""
+    steps = cfg.model.num_inference_steps
+    return {} if steps is None else {"num_inference_steps": steps}
+
+
 def build_arch(cfg: ExperimentCfg) -> PI0Arch:
+    """The arch of a fresh model (no checkpoint): PI0's sizes or the tiny ones, plus the run's overrides."""
     m = cfg.model
-    if m.arch == "pi0":
-        return PI0Arch(num_inference_steps=m.num_inference_steps)
-    tiny = PI0Arch.tiny(chunk_size=m.chunk_size, image_size=m.image_size)
-    return replace(tiny, num_inference_steps=m.num_inference_steps)
+    arch = PI0Arch() if m.arch == "pi0" else PI0Arch.tiny(chunk_size=m.chunk_size, image_size=m.image_size)
+    return replace(arch, **arch_overrides(cfg))
+
+
+def checkpoint_arch(cfg: ExperimentCfg) -> PI0Arch:
+    """The arch the run will build, from the checkpoint's headers alone (model/weights.inspect_checkpoint:
+    files whole, keys and shapes strict) or the config; cheap, so it runs before distributed init."""
+    if cfg.model.checkpoint is None:
+        return build_arch(cfg)
+    try:
+        return inspect_checkpoint(cfg.model.checkpoint, **arch_overrides(cfg))
+    except CheckpointError as err:
+        raise ConfigError(f"model.checkpoint: {err}") from None
+
+
+def resolve_tokenizer(cfg: ExperimentCfg, arch: PI0Arch) -> Path | None:
+    """Where the tokenizer comes from (None: the tiny one built in code); see the module docstring."""
+    m = cfg.model
+    if m.tokenizer_path is not None:
+        return Path(m.tokenizer_path)
+    if m.checkpoint is not None:
+        found = [Path(m.checkpoint) / f for f in TOKENIZER_FILES if (Path(m.checkpoint) / f).exists()]
+        if found:
+            return found[0]
+    if arch.vocab_size <= TINY_VOCAB:
+        return None
+    where = f"model.checkpoint={m.checkpoint} holds no {' or '.join(TOKENIZER_FILES)}"
+    if m.checkpoint is None:
+        where = f"model.arch={m.arch} without a checkpoint has no tokenizer"
+    raise ConfigError(
+        f"{where}, and its token embedding has {arch.vocab_size} rows (not a tiny model): set "
+        "model.tokenizer_path to PaliGemma's tokenizer.model (nothing is downloaded)"
+    )
+
+
+def check_vocab(tokenizer: PromptTokenizer, arch: PI0Arch) -> None:
+    """Token ids index the embedding: a tokenizer with more pieces than rows would index past it."""
+    if tokenizer.vocab_size > arch.vocab_size:
+        raise ConfigError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model has "
+            f"{arch.vocab_size} token embeddings; use the tokenizer the checkpoint was trained with "
+            "(model.tokenizer_path)"
+        )
+
+
+def checkpoint_norm_stats(cfg: ExperimentCfg) -> NormStats | None:
+    """The checkpoint's normalization statistics, by the one route of model/normalization.load_norm_stats
+    (the same for the trainer, whose engine built the policy, and for eval, which loads it here)."""
+    if cfg.model.checkpoint is None:
+        return None
+    try:
+        stats = load_norm_stats(cfg.model.checkpoint)
+    except (ValueError, OSError) as err:  # e.g. several openpi asset folders, a malformed stats file
+        raise ConfigError(f"model.checkpoint: {str(err).splitlines()[0]}") from None
+    if stats is None and cfg.env.kind == "libero":
+        raise ConfigError("model.checkpoint has no normalization statistics; LIBERO needs them")
+    return stats
+
+
+def check_model(cfg: ExperimentCfg) -> PI0Arch:
+    """Before distributed init: the checkpoint's files, keys and shapes, its normalization statistics, the
+    tokenizer rule and that the tokenizer fits the embedding. Raises ConfigError (one line)."""
+    arch = checkpoint_arch(cfg)
+    checkpoint_norm_stats(cfg)
+    path = resolve_tokenizer(cfg, arch)
+    if path is not None:
+        check_vocab(_load_tokenizer(path, cfg), arch)
+    return arch
 
 
 @dataclass
@@ -75,27 +160,31 @@ def build_policy(cfg: ExperimentCfg) -> tuple[PI0Policy, NormStats | None]:
     if not path.is_dir():
         raise ConfigError(f"model.checkpoint {path} does not exist (a PI0 checkpoint directory is expected)")
     try:
-        loaded = load_checkpoint(path)
+        loaded = load_checkpoint(path, **arch_overrides(cfg))
     except CheckpointError as err:
         raise ConfigError(f"model.checkpoint: {err}") from None
     return loaded.policy, loaded.norm_stats
 
 
+def _load_tokenizer(path: Path, cfg: ExperimentCfg) -> PromptTokenizer:
+    try:
+        return PromptTokenizer(path, cfg.model.tokenizer_max_length)
+    except (OSError, RuntimeError, ValueError) as err:  # sentencepiece / tokenizers refuse a bad file
+        raise ConfigError(f"tokenizer {path} cannot be read: {str(err).splitlines()[0]}") from None
+
+
 def build_processor(
     cfg: ExperimentCfg, tasks: list[TaskSpec], norm_stats: NormStats | None, arch: PI0Arch
 ) -> Processor:
-    m = cfg.model
-    if m.tokenizer_path is not None:
-        tokenizer = PromptTokenizer(m.tokenizer_path, m.tokenizer_max_length)
-    else:
+    path = resolve_tokenizer(cfg, arch)
+    if path is None:
+        if cfg.model.checkpoint is not None:
+            log.warning("model.checkpoint holds no tokenizer: building the tiny one from the task prompts")
         # No hub: a tiny tokenizer made in code from this run's instructions (tests, demo, synthetic).
-        directory = cfg.run_dir / "tokenizer"
-        tokenizer = PromptTokenizer(
-            build_tiny_tokenizer(directory, [t.instruction for t in tasks]), m.tokenizer_max_length
-        )
-    if norm_stats is None:
-        if cfg.env.kind == "libero" and cfg.model.checkpoint is not None:
-            raise ConfigError("model.checkpoint has no normalization statistics; LIBERO needs them")
+        path = build_tiny_tokenizer(cfg.run_dir / "tokenizer", [t.instruction for t in tasks])
+    tokenizer = _load_tokenizer(path, cfg)
+    check_vocab(tokenizer, arch)
+    if norm_stats is None:  # a fresh model, or a checkpoint without statistics on the synthetic env
         norm_stats = NormStats.identity(STATE_DIM, ACTION_DIM)
     return Processor(
         tokenizer,
@@ -107,21 +196,25 @@ def build_processor(
 
 
 def build_env_factory(cfg: ExperimentCfg, arch: PI0Arch) -> EnvFactory:
+    """Call in the rank's process: LIBERO workers render on this rank's GPU (rollout.render_device)."""
     size = arch.vision.image_size
     if cfg.env.kind == "synthetic":
         return EnvFactory("synthetic", {"image_size": size, "difficulty": cfg.env.difficulty})
-    return EnvFactory("libero", {"camera_size": cfg.env.camera_size, "model_image_size": size})
+    import torch
+
+    from ript_ds.env.libero import render_device_for_rank
+
+    try:
+        device = render_device_for_rank(cfg.rollout.render_device, torch.cuda.device_count())
+    except ValueError as err:
+        raise ConfigError(f"rollout.render_device: {err}") from None
+    kwargs = {"camera_size": cfg.env.camera_size, "model_image_size": size}
+    return EnvFactory("libero", kwargs, render_device=device)
 
 
 def build_components(cfg: ExperimentCfg, policy: PI0Policy | None = None) -> Components:
     """Everything but the engine. Pass `policy` when it was built elsewhere (e.g. under zero.Init)."""
     tasks = build_tasks(cfg)
-    norm_stats = None
-    if policy is None:
-        policy, norm_stats = build_policy(cfg)
-    elif cfg.model.checkpoint is not None:
-        from ript_ds.model.normalization import load_norm_stats
-
-        norm_stats = load_norm_stats(cfg.model.checkpoint)
-    processor = build_processor(cfg, tasks, norm_stats, policy.arch)
+    policy = build_policy(cfg)[0] if policy is None else policy
+    processor = build_processor(cfg, tasks, checkpoint_norm_stats(cfg), policy.arch)
     return Components(tasks, policy, processor, build_env_factory(cfg, policy.arch))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import types
 import typing
@@ -39,13 +40,12 @@ class ModelCfg:
     arch: Literal["pi0", "tiny"] = "tiny"  # sizes when no checkpoint is given
     chunk_size: int = 8  # tiny arch only: actions per predicted chunk (PI0: 50)
     image_size: int = 32  # tiny arch only: model image resolution (PI0: 224)
-    tokenizer_path: str | None = (
-        None  # PaliGemma tokenizer.model / tokenizer.json; None = tiny, built in code
-    )
+    # PaliGemma tokenizer.model / tokenizer.json; None = the checkpoint directory's (tiny models: built in code)
+    tokenizer_path: str | None = None
     tokenizer_max_length: int = 48  # prompt tokens (padded)
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of the Gemma stacks
     gradient_checkpointing: bool = False  # per-layer activation checkpointing
-    num_inference_steps: int = 10  # denoising steps when sampling
+    num_inference_steps: int | None = None  # denoising steps when sampling; None = the checkpoint's (10)
 
 
 @dataclass
@@ -71,6 +71,9 @@ class RolloutCfg:
     noise_scale: float = 1.0  # training rollouts only: x the flow's initial noise (exploration)
     step_timeout_s: float = 120.0  # a worker silent this long is restarted, its episode failed
     videos_per_iteration: int = 0  # mp4s written per iteration (rank 0)
+    # LIBERO: GPU (physical index, as in CUDA_VISIBLE_DEVICES and EGL) the env workers render on;
+    # None = this rank's GPU (LOCAL_RANK through CUDA_VISIBLE_DEVICES), no GPU: MuJoCo's default
+    render_device: int | None = None
 
 
 @dataclass
@@ -121,6 +124,8 @@ class LoraCfg:
 @dataclass
 class EngineCfg:
     deepspeed_config: str = "ds_configs/zero2.json"  # engine knobs; batch sizes / clipping come from train
+    # ZeRO stage of deepspeed_config, recorded at launch so a resume notices an edited JSON; leave unset
+    zero_stage: int | None = None
     lr_schedule: Literal["constant", "cosine"] = "constant"  # after train.warmup_steps of linear warm-up
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of train.lr
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW (beta1, beta2)
@@ -144,6 +149,54 @@ class LogCfg:
     level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"  # console log level (rank 0)
 
 
+# (key, lower bound): every number with a floor; None (an unset optional field) is not checked.
+_AT_LEAST: tuple[tuple[str, int], ...] = (
+    ("model.chunk_size", 1),
+    ("model.image_size", 8),
+    ("model.tokenizer_max_length", 2),
+    ("model.num_inference_steps", 1),
+    ("env.camera_size", 8),
+    ("env.num_eval_init_states", 0),
+    ("env.synthetic_init_states", 1),
+    ("env.max_steps", 1),
+    ("rollout.num_envs", 1),
+    ("rollout.replan_every", 1),
+    ("rollout.videos_per_iteration", 0),
+    ("ript.rollouts_per_context", 2),
+    ("ript.groups_per_iteration", 1),
+    ("ript.max_sampling_rounds", 1),
+    ("ript.cfg_alpha", 0),
+    ("ript.fpo_samples", 1),
+    ("ript.skip_solved_after", 1),
+    ("ript.mixed_bonus", 0),
+    ("train.iterations", 0),
+    ("train.epochs", 1),
+    ("train.micro_batch_size", 1),
+    ("train.grad_accum_steps", 1),
+    ("train.weight_decay", 0),
+    ("train.warmup_steps", 0),
+    ("train.grad_clip", 0),
+    ("train.eval_every", 0),
+    ("ckpt.every", 0),
+    ("ckpt.keep_last", 1),
+    ("engine.lora.rank", 1),
+)
+_WHY = {
+    "ript.rollouts_per_context": " (RLOO needs K >= 2)",
+    "model.tokenizer_max_length": " (BOS and the closing newline take two)",
+}
+_POSITIVE = (
+    "train.lr",
+    "train.collective_timeout_s",
+    "rollout.step_timeout_s",
+    "ript.awr_beta",
+    "ript.awr_max_weight",
+    "ript.fpo_clip",
+    "engine.adam_eps",
+    "engine.lora.alpha",
+)
+
+
 @dataclass
 class ExperimentCfg:
     run_name: str = "run"  # the run directory is output_dir/run_name
@@ -164,25 +217,30 @@ class ExperimentCfg:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def _value(self, key: str) -> Any:
+        """The value of a dotted key (`train.lr`)."""
+        return functools.reduce(getattr, key.split("."), self)
+
     def validate(self) -> ExperimentCfg:
         """Ranges and combinations; raises ConfigError with one line."""
+        for key, bound in _AT_LEAST:
+            value = self._value(key)
+            if value is not None and not value >= bound:
+                raise ConfigError(f"{key} must be >= {bound}" + _WHY.get(key, ""))
+        for key in _POSITIVE:
+            if not self._value(key) > 0:
+                raise ConfigError(f"{key} must be > 0")
         checks = [
-            (
-                self.ript.rollouts_per_context >= 2,
-                "ript.rollouts_per_context must be >= 2 (RLOO needs K >= 2)",
-            ),
-            (self.ript.groups_per_iteration >= 1, "ript.groups_per_iteration must be >= 1"),
-            (self.ript.max_sampling_rounds >= 1, "ript.max_sampling_rounds must be >= 1"),
-            (self.rollout.num_envs >= 1, "rollout.num_envs must be >= 1"),
-            (self.rollout.replan_every >= 1, "rollout.replan_every must be >= 1"),
-            (self.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
-            (self.train.lr > 0, "train.lr must be > 0"),
             (0.0 <= self.env.difficulty <= 1.0, "env.difficulty must be in [0, 1]"),
             (len(self.env.task_ids) > 0, "env.task_ids must name at least one task"),
-            (self.ckpt.keep_last >= 1, "ckpt.keep_last must be >= 1"),
-            (self.engine.lora.rank >= 1, "engine.lora.rank must be >= 1"),
             (len(self.engine.adam_betas) == 2, "engine.adam_betas must be [beta1, beta2]"),
+            (all(0.0 <= b < 1.0 for b in self.engine.adam_betas), "engine.adam_betas must be in [0, 1)"),
             (0.0 <= self.engine.min_lr_ratio <= 1.0, "engine.min_lr_ratio must be in [0, 1]"),
+            (0.0 <= self.engine.lora.dropout < 1.0, "engine.lora.dropout must be in [0, 1)"),
+            (
+                self.engine.zero_stage in (None, 0, 1, 2, 3),
+                "engine.zero_stage must be 0, 1, 2 or 3; leave it unset (launch/train.py records the JSON's)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -232,6 +290,11 @@ class ExperimentCfg:
             )
         if self.rollout.guidance < 0:
             raise ConfigError(f"rollout.guidance={self.rollout.guidance} must be >= 0 (0 = base policy)")
+        if self.rollout.render_device is not None and self.rollout.render_device < 0:
+            raise ConfigError(
+                f"rollout.render_device={self.rollout.render_device} must be a GPU index >= 0, or null for "
+                "this rank's GPU"
+            )
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -342,17 +405,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _field_docs(cls: type) -> dict[str, str]:
-    """Each field's `# comment` (anywhere in its statement, which the formatter may wrap): its doc."""
+    """Each field's doc: the `# comment`s inside its statement (which the formatter may wrap), else the
+    comment lines right above it. Read with tokenize, so `#` or parentheses inside a doc are kept."""
     import ast
     import inspect
+    import io
+    import tokenize
 
     source = inspect.getsource(cls)
-    lines = source.splitlines()
+    comments: dict[int, str] = {}  # line number -> comment text
+    code_lines: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.removeprefix("#").strip()
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+            code_lines.add(tok.start[0])
     docs = {}
     for node in ast.parse(source).body[0].body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            text = " ".join(lines[node.lineno - 1 : node.end_lineno])
-            docs[node.target.id] = text.split("#", 1)[1].strip().rstrip(")").strip() if "#" in text else ""
+            inside = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+            above, line = [], node.lineno - 1
+            while line in comments and line not in code_lines:  # a comment-only line above the field
+                above.insert(0, comments[line])
+                line -= 1
+            docs[node.target.id] = " ".join(inside or above)
     return docs
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from ript_ds.model.processing import PromptTokenizer, build_tiny_tokenizer
 from ript_ds.model.weights import save_canonical
 from ript_ds.rl.bc import SyntheticSetup, warm_start
 
@@ -23,8 +22,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class WarmStart:
-    checkpoint: Path  # canonical PI0 checkpoint (weights, arch, norm stats)
-    tokenizer: Path  # its tokenizer.model
+    checkpoint: Path  # canonical PI0 checkpoint (weights, arch, norm stats, and the tokenizer.model BC used)
     setup: SyntheticSetup
 
 
@@ -33,28 +31,20 @@ def prepare_warm_start(
 ) -> WarmStart:
     """Behaviour-clone and save; reuses a previous result in `directory` for the same seed."""
     setup = setup or SyntheticSetup()
-    directory = Path(directory)
-    ckpt, tok = directory / f"bc_seed{seed}", directory / f"bc_seed{seed}" / "tokenizer.model"
-    if not (ckpt / "model.safetensors").exists():
-        policy, processor, _, losses = warm_start(seed, setup)
+    ckpt = Path(directory) / f"bc_seed{seed}"
+    if not (ckpt / "model.safetensors").exists() or not (ckpt / "tokenizer.model").exists():
+        # The tokenizer is written into the checkpoint directory, where the trainer and eval look for it.
+        policy, processor, _, losses = warm_start(seed, setup, tokenizer_dir=ckpt)
         log.info("warm start: BC loss %.4f -> %.4f", losses[0], losses[-1])
         save_canonical(policy, ckpt, processor.norm_stats)
-        # Same texts and settings as the BC tokenizer (whose temp file is gone): the same model.
-        tasks = setup.tasks()
-        build_tiny_tokenizer(ckpt, [t.instruction for t in tasks], vocab_size=setup.tokenizer_vocab)
-        rebuilt = PromptTokenizer(tok, setup.max_prompt_tokens)
-        for t in tasks:
-            if not (rebuilt.encode(t.instruction)[0] == processor.tokenizer.encode(t.instruction)[0]).all():
-                raise RuntimeError("the rebuilt tokenizer differs from the one BC used")
-    return WarmStart(ckpt, tok, setup)
+    return WarmStart(ckpt, setup)
 
 
 def ript_overrides(warm: WarmStart, iterations: int, loss: str = "cfg", eval_every: int = 2) -> list[str]:
     """Config overrides (on top of launch/configs/demo.yaml's defaults) for RIPT from the warm start."""
     s = warm.setup
     return [
-        f"model.checkpoint={warm.checkpoint}",
-        f"model.tokenizer_path={warm.tokenizer}",
+        f"model.checkpoint={warm.checkpoint}",  # its tokenizer.model is found there
         f"model.tokenizer_max_length={s.max_prompt_tokens}",
         "env.kind=synthetic",
         "env.suite=synthetic",

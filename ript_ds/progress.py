@@ -4,7 +4,7 @@ update (micro-steps done / total).
 A bar appears only on the main rank and only when its stream (stdout by default) is a terminal, so
 log files, SLURM output and launcher pipes never receive bar characters. rl/ knows nothing of tqdm:
 `collect()` reports through its `on_progress` callback, and the update's micro-steps are counted by
-wrapping the backend that `run_update` steps (one `step()` per micro-batch).
+wrapping the backend that `run_update` drives (one `backward()` per micro-batch).
 """
 
 from __future__ import annotations
@@ -78,15 +78,14 @@ def episode_bar(
 
 
 class _CountingBackend:
-    """An update backend that reports every step() (one per micro-batch); everything else is delegated."""
+    """An update backend that reports every backward() (one per micro-batch); the rest is delegated."""
 
     def __init__(self, backend: Any, bar: Any):
         self._backend, self._bar = backend, bar
 
-    def step(self) -> float | None:
-        norm = self._backend.step()
+    def backward(self, loss: Any) -> None:
+        self._backend.backward(loss)
         self._bar.update(1)
-        return norm
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)

@@ -2,7 +2,9 @@
 
     iterate() = sample contexts -> roll out K episodes each -> all-gather group outcomes -> keep
                 mixed groups (refill until the target or the attempt cap) -> RLOO advantages ->
-                windows -> update (same micro-step count on every rank) -> reduced metrics
+                windows -> all-gather window refs -> one global update plan (rl/update.py: the same
+                optimizer steps and micro-step counts on every rank, whatever the layout) -> update ->
+                globally reduced metrics
 
 Ranks coordinate only through collectives in engine/dist.py (all_gather_object, all_reduce); the
 sampler's state is a deterministic function of the gathered outcomes, so it is identical everywhere.
@@ -29,14 +31,16 @@ from ript_ds.ckpt.manager import CheckpointManager, TrainState, check_config, rn
 from ript_ds.ckpt.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
 from ript_ds.config import ExperimentCfg
 from ript_ds.engine import dist
+from ript_ds.engine.schedule import iteration_progress
 from ript_ds.env.inline import InlinePool
 from ript_ds.env.pool import EnvPool
 from ript_ds.metrics import MetricsWriter
+from ript_ds.model.weights import CANONICAL_ARCH
 from ript_ds.rl.advantage import group_advantages
 from ript_ds.rl.rollout import RolloutRequest, collect, make_pi0_policy_fn
 from ript_ds.rl.sampler import SamplingPhase, SmartSampler
 from ript_ds.rl.types import Context, Episode, Group, Window
-from ript_ds.rl.update import UpdateCfg, UpdateStats, micro_batches_needed, run_update
+from ript_ds.rl.update import UpdateCfg, UpdateStats, plan_update, run_update, update_seed, window_refs
 from ript_ds.rl.video import write_videos
 from ript_ds.rl.windows import episode_windows, groups_to_windows
 
@@ -97,7 +101,22 @@ class Trainer:
         if dist.is_main():
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        self.update_rng = np.random.default_rng([cfg.train.seed, dist.rank()])
+            # The trained network's sizes, so export / launch/eval.py need no guessing (a random-init run
+            # has no base checkpoint to read them from).
+            arch = json.dumps(self.engine.module.arch.to_dict(), indent=1)
+            (cfg.run_dir / CANONICAL_ARCH).write_text(arch)
+        self.update_cfg = UpdateCfg(
+            loss=cfg.ript.loss,
+            epochs=cfg.train.epochs,
+            micro_batch_size=cfg.train.micro_batch_size,
+            grad_accum_steps=cfg.train.grad_accum_steps,
+            cfg_alpha=cfg.ript.cfg_alpha,
+            awr_beta=cfg.ript.awr_beta,
+            awr_max_weight=cfg.ript.awr_max_weight,
+            fpo_clip=cfg.ript.fpo_clip,
+            fpo_samples=cfg.ript.fpo_samples,
+            action_dim=self.comp.processor.action_dim,
+        )
         self.ckpt = CheckpointManager(
             cfg.run_dir, cfg.ckpt.keep_last, dist.rank(), dist.world_size(), dist.barrier
         )
@@ -128,7 +147,6 @@ class Trainer:
             iteration=self.iteration,
             episode_cursor=self.episode_cursor,
             sampler=self.sampler.state_dict(),
-            update_rng=self.update_rng.bit_generator.state,
             config=self.cfg.to_dict(),
             wandb_run_id=self.metrics.wandb_run_id,
         )
@@ -143,7 +161,6 @@ class Trainer:
         check_config(state.config, self.cfg.to_dict(), self.cfg.ckpt.allow_config_change)
         self.iteration, self.episode_cursor = state.iteration, state.episode_cursor
         self.sampler.load_state_dict(state.sampler)
-        self.update_rng.bit_generator.state = state.update_rng
         log.info("resumed from %s at iteration %d", path, state.iteration)
         return state
 
@@ -196,7 +213,7 @@ class Trainer:
         phase, result = self.sample_phase()
         self.iteration += 1
         rollout_s = time.perf_counter() - start
-        stats = self.update_phase(result) if phase.should_update else None
+        stats = self.update_phase(result) if phase.should_update else None  # None: skipped
         metrics = self._metrics(phase, result, stats)
         metrics |= {"time/rollout_s": rollout_s, "time/update_s": time.perf_counter() - start - rollout_s}
         if self.cfg.train.eval_every and self.iteration % self.cfg.train.eval_every == 0:
@@ -218,15 +235,30 @@ class Trainer:
         return requests
 
     def _rollout(
-        self, requests: list[RolloutRequest], guidance: float | None, noise_scale: float = 1.0
+        self,
+        requests: list[RolloutRequest],
+        guidance: float | None,
+        noise_scale: float = 1.0,
+        stop_on_signal: bool = False,
     ) -> list[Episode]:
+        """stop_on_signal: a preemption signal cuts the rollout short (its episodes then end as
+        rl.rollout.PREEMPTED); only for sampling, whose iteration is then abandoned and redone."""
+        should_stop = (lambda: self.preemption.requested) if stop_on_signal else None
         policy_fn = make_pi0_policy_fn(
-            self.engine.module, self.comp.processor, guidance=guidance, noise_scale=noise_scale
+            self.engine.module,
+            self.comp.processor,
+            device=self.engine.device,
+            dtype=self.cfg.model.dtype,
+            guidance=guidance,
+            noise_scale=noise_scale,
         )
         bar = progress.episode_bar(len(requests), dist.is_main())
         with self.engine.rollout_context(), bar as on_progress:
             replan = self.cfg.rollout.replan_every
-            return collect(policy_fn, self.pool, requests, replan, on_progress=on_progress).episodes
+            result = collect(
+                policy_fn, self.pool, requests, replan, on_progress=on_progress, should_stop=should_stop
+            )
+            return result.episodes
 
     def sample_phase(self) -> tuple[SamplingPhase, PhaseResult]:
         """Sample and roll out until enough mixed groups are kept (collective: call on every rank)."""
@@ -238,14 +270,11 @@ class Trainer:
         while not phase.done:
             contexts = self.sampler.next_contexts(phase.num_to_draw(dist.world_size()))
             requests = self._requests(contexts)
-            episodes = self._rollout(requests, guidance, self.cfg.rollout.noise_scale)
+            # A signal ends the rollout at its next round, then every rank agrees below: the safe point
+            # comes within seconds, not after the rest of a round of minutes-long episodes.
+            episodes = self._rollout(requests, guidance, self.cfg.rollout.noise_scale, stop_on_signal=True)
             groups = [Group(r.context, episodes[i : i + k]) for i, r in list(enumerate(requests))[::k]]
-            outcomes = [
-                o
-                for rank_outcomes in dist.all_gather_object([g.outcome() for g in groups])
-                for o in rank_outcomes
-            ]
-            phase.record(outcomes)
+            phase.record(_in_draw_order(dist.all_gather_object([g.outcome() for g in groups])))
             result.kept += self.sampler.filter(groups).kept
             result.episodes += episodes
             if self._stop_requested():
@@ -279,29 +308,29 @@ class Trainer:
             raise RuntimeError(f"sampler state diverged across ranks: {digests}")
         self.sampler_digest = digest
 
-    def update_phase(self, result: PhaseResult) -> UpdateStats:
-        """RLOO -> windows -> run_update with the same micro-step count on every rank (collective)."""
-        cfg = self.cfg
+    def update_phase(self, result: PhaseResult) -> UpdateStats | None:
+        """RLOO -> windows -> the global plan -> run_update, the same passes on every rank (collective).
+        None when no rank has a window to learn from (every kept episode crashed)."""
         chunk = self.engine.module.arch.chunk_size
         windows: list[Window] = []
         if result.kept:
             windows = groups_to_windows(result.kept, group_advantages(result.kept), chunk)
-        counts = dist.all_gather_object(len(windows))
-        n_mb = max(micro_batches_needed(n, cfg.train.micro_batch_size) for n in counts)
-        padding = windows[0] if windows else _any_window(result.episodes, chunk)
-        update_cfg = UpdateCfg(
-            loss=cfg.ript.loss,
-            epochs=cfg.train.epochs,
-            micro_batch_size=cfg.train.micro_batch_size,
-            cfg_alpha=cfg.ript.cfg_alpha,
-            awr_beta=cfg.ript.awr_beta,
-            awr_max_weight=cfg.ript.awr_max_weight,
-            fpo_clip=cfg.ript.fpo_clip,
-            fpo_samples=cfg.ript.fpo_samples,
-            action_dim=self.comp.processor.action_dim,
+        own = windows[0].as_padding() if windows else _template_window(result.episodes, chunk)
+        gathered = dist.all_gather_object(
+            (window_refs(windows, dist.rank()), own is not None), op="update plan"
         )
+        shards = [refs for refs, _ in gathered]
+        if not any(shards):
+            return None
+        if not all(has for _, has in gathered):  # a rank with nothing observed pads with another's shapes
+            src = next(r for r, (_, has) in enumerate(gathered) if has)
+            shared = dist.broadcast_object(own if dist.rank() == src else None, src=src)
+            own = own or shared
+        seed = update_seed(self.cfg.train.seed, self.iteration)
+        plan = plan_update(shards, dist.rank(), self.update_cfg, seed)
+        self.engine.set_progress(iteration_progress(self.iteration, self.cfg.train.iterations))
         self.engine.train()
-        bar = progress.micro_step_bar(self.engine, cfg.train.epochs * n_mb, dist.is_main())
+        bar = progress.micro_step_bar(self.engine, plan.micro_steps, dist.is_main())
         with bar as backend:
             stats = run_update(
                 backend,
@@ -309,12 +338,14 @@ class Trainer:
                 self.comp.processor,
                 windows,
                 self.comp.prompts,
-                update_cfg,
-                self.update_rng,
-                n_mb,
-                padding,
+                self.update_cfg,
+                seed,
+                plan=plan,
+                padding=own,
+                rank=dist.rank(),
             )
         self.engine.eval()
+        stats.sums = dist.all_reduce_sum(stats.sums)  # this rank's shares -> the global totals
         return stats
 
     def evaluate(self) -> dict[str, float]:
@@ -326,7 +357,9 @@ class Trainer:
         rank, world = dist.rank(), dist.world_size()
         requests = [RolloutRequest(c, tasks[c.task_id], 7 + i) for i, c in enumerate(contexts)][rank::world]
         guidance = self.cfg.rollout.guidance if self.cfg.ript.loss == "cfg" else None
-        episodes = self._rollout(requests, guidance) if requests else []
+        # Every rank enters the rollout (its context gathers the parameters under ZeRO-3), with or
+        # without held-out contexts of its own.
+        episodes = self._rollout(requests, guidance)
         totals = dist.all_reduce_sum({"s": sum(ep.success for ep in episodes), "n": len(episodes)})
         return {"eval/success_rate": totals["s"] / max(totals["n"], 1), "eval/episodes": totals["n"]}
 
@@ -343,18 +376,17 @@ class Trainer:
             "train/skipped": float(stats is None),
             "mem/peak_gb": self.engine.peak_memory_gb(),
         }
-        if stats is not None:
-            reduced = dist.all_reduce_mean(
-                {
-                    "train/loss": stats.loss,
-                    "train/loss_cond": stats.loss_cond,
-                    "train/loss_uncond": stats.loss_uncond,
-                    "train/grad_norm": stats.grad_norm,
-                    **{f"train/{k}": v for k, v in stats.extra.items()},
-                }
-            )
-            m |= reduced | dist.all_reduce_sum({"train/windows": stats.windows})
-            m["train/lr"] = self.engine.lr
+        if stats is not None:  # already global: update_phase reduced the sums; the norm is the global one
+            m |= {
+                "train/loss": stats.loss,
+                "train/loss_cond": stats.loss_cond,
+                "train/loss_uncond": stats.loss_uncond,
+                "train/grad_norm": stats.grad_norm,
+                **{f"train/{k}": v for k, v in stats.extra.items()},
+                "train/windows": stats.windows,
+                "train/optimizer_steps": stats.optimizer_steps,
+                "train/lr": self.engine.lr,
+            }
         return m
 
     def close(self) -> None:
@@ -367,12 +399,19 @@ class Trainer:
             self.preemption.restore()
 
 
-def _any_window(episodes: list[Episode], chunk: int) -> Window:
-    """A shape template for padding when this rank kept no group (advantage and weight 0)."""
+def _in_draw_order(per_rank: list[list]) -> list:
+    """Rank r holds the round's contexts r, r + W, ... (Trainer._requests): interleave them back, so the
+    sampler records outcomes in the order they were drawn, whatever the world size."""
+    world, total = len(per_rank), sum(len(x) for x in per_rank)
+    return [per_rank[pos % world][pos // world] for pos in range(total)]
+
+
+def _template_window(episodes: list[Episode], chunk: int) -> Window | None:
+    """A padding shape template from this rank's own episodes, if any observed something."""
     for ep in episodes:
-        if not ep.crashed and ep.images.shape[0]:
+        if ep.images.shape[0] and ep.length > ep.replan_steps[0]:
             return episode_windows(ep, 0.0, chunk)[0].as_padding()
-    raise RuntimeError("this rank rolled out no usable episode; cannot build a padding window")
+    return None
 
 
 def _summary(iteration: int, m: dict[str, float]) -> str:

@@ -12,11 +12,13 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from conftest import random_batch, tiny_policy
+from conftest import load_script, random_batch, tiny_policy
 
 from ript_ds.build import build_policy
 from ript_ds.config import EngineCfg, ExperimentCfg, LoraCfg, ModelCfg, TrainCfg
@@ -51,7 +53,13 @@ def shard(batch, noise, t, cond):
 
 
 def make_engine(
-    config: str, overrides=None, lora: bool = False, ckpt: bool = False, timeout: float = 60.0, accum: int = 1
+    config: str,
+    overrides=None,
+    lora: bool = False,
+    ckpt: bool = False,
+    timeout: float = 60.0,
+    accum: int = 1,
+    bf16: bool = False,
 ):
     micro = GLOBAL_BATCH // dist.world_size() // accum
     train = TrainCfg(micro_batch_size=micro, grad_accum_steps=accum, lr=1e-3, grad_clip=1.0)
@@ -62,6 +70,7 @@ def make_engine(
         lambda: PI0Policy(PI0Arch.tiny()),
         train,
         engine,
+        bf16=bf16,
         gradient_checkpointing=ckpt,
         weights=weights,
         ds_overrides=overrides,
@@ -97,6 +106,47 @@ def sample(engine: DeepSpeedEngine) -> tuple[list[float], bool]:
     return first.flatten()[:16].cpu().tolist(), gathered
 
 
+def rollout_vs_eval_actions() -> dict:
+    """A bf16 run's training rollout (engine.rollout_context + the trainer's policy fn) and launch/eval.py's
+    path (the checkpoint's policy on its own, dtype from the run) must give the same actions."""
+    from ript_ds.env.base import Observation, TaskSpec
+    from ript_ds.model.normalization import NormStats
+    from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
+    from ript_ds.rl.rollout import NoiseKey, make_pi0_policy_fn
+    from ript_ds.rl.types import Context
+
+    eval_mod = load_script("launch/eval.py")
+    task = TaskSpec("synthetic", 0, "t", "reach the red target", 10, 4)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        (run / "checkpoints" / "iter_000001").mkdir(parents=True)
+        (run / "config.yaml").write_text("model:\n  dtype: bfloat16\n")
+        dtype = eval_mod.resolve_dtype("auto", run / "checkpoints" / "iter_000001")
+        tok = PromptTokenizer(build_tiny_tokenizer(tmp, [task.instruction]), 16)
+    proc = Processor(tok, NormStats.identity(8, 7), action_dim=7)
+    rng = np.random.default_rng(0)
+    obs = [
+        Observation(rng.integers(0, 255, (2, 32, 32, 3), dtype=np.uint8), rng.normal(size=8))
+        for _ in range(2)
+    ]
+    keys = [NoiseKey(3 + i, Context(0, i), 0) for i in range(2)]
+    e = make_engine("zero2.json", bf16=True)
+    with e.rollout_context() as policy:
+        train_fn = make_pi0_policy_fn(policy, proc, device=e.device, dtype="bfloat16", num_steps=3)
+        trained = train_fn(obs, [task] * 2, keys)
+    alone = tiny_policy(0).eval()
+    actions = {}
+    for name in (dtype, "float32"):
+        actions[name] = make_pi0_policy_fn(alone, proc, device="cpu", dtype=name, num_steps=3)(
+            obs, [task] * 2, keys
+        )
+    return {
+        "dtype": dtype,
+        "same_as_eval": bool(np.array_equal(trained, actions[dtype])),
+        "fp32_differs": float(np.abs(trained - actions["float32"]).max()),
+    }
+
+
 def job_train(out: Path, world: int) -> dict:
     result: dict = {}
     t0 = time.time()
@@ -114,6 +164,8 @@ def job_train(out: Path, world: int) -> dict:
     result["z0_step4"], _ = train_steps(e, range(STEPS, STEPS + 1))
     e.load(out / f"ckpt_z0_{world}", "s3")
     result["z0_step4_resumed"], _ = train_steps(e, range(STEPS, STEPS + 1))
+    if world == 1:
+        result["precision"] = rollout_vs_eval_actions()
     if world == 1:  # the same global batch in two accumulated micro-batches
         e = make_engine("zero2.json", accum=2)
         result["accum"], result["accum_norms"] = [], []
@@ -123,9 +175,9 @@ def job_train(out: Path, world: int) -> dict:
             for half in (slice(0, 2), slice(2, 4)):
                 part = type(batch)(**{k: v[half] for k, v in vars(batch).items() if v is not None})
                 loss = e(part, noise[half], t[half], cond[half]).mean()
-                e.backward(loss)
-                result["accum_norms"].append(e.step())
+                e.backward(loss / 2)  # the caller owns the normalization (rl/update.py) ...
                 micro_losses.append(loss.item())
+            result["accum_norms"].append(e.step())  # ... and the boundary: one step per global batch
             result["accum"].append(sum(micro_losses) / 2)
         return result
 

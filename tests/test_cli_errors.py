@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import ClassVar
 
 import pytest
 import torch
@@ -125,3 +126,150 @@ def test_fp16_on_a_gpu_machine_is_refused_as_unsupported(tmp_path):
     cfg = load_config()
     with pytest.raises(ValueError, match="remove the 'fp16' section"):
         check_ds_json(tmp_path, {"fp16": {"enabled": True}}, cfg.train, bf16=False, cuda_available=True)
+
+
+# ------------------------------------------------------------------------------------------ issue 11
+# Every test below goes through train_cli.main; the trainer is replaced by a recorder so a check that
+# is missing shows as exit code 0 (the "trainer" ran) instead of starting a real run in this process.
+class _RecordingTrainer:
+    calls: ClassVar[list[tuple]] = []
+
+    def __init__(self, cfg, *args, **kwargs):
+        _RecordingTrainer.calls.append((cfg, args, kwargs))
+
+    def setup(self):
+        return self
+
+    def run(self):
+        return None
+
+
+@pytest.fixture
+def trainer_calls(monkeypatch):
+    import ript_ds.trainer
+
+    _RecordingTrainer.calls = []
+    monkeypatch.setattr(ript_ds.trainer, "Trainer", _RecordingTrainer)
+    return _RecordingTrainer.calls
+
+
+def _tiny_checkpoint(directory, vocab_size: int | None = None, tokenizer_words: int = 0):
+    from dataclasses import replace
+
+    from conftest import tiny_policy
+
+    from ript_ds.model.arch import PI0Arch
+    from ript_ds.model.pi0 import PI0Policy
+    from ript_ds.model.processing import build_tiny_tokenizer
+    from ript_ds.model.weights import save_canonical
+
+    arch = PI0Arch.tiny() if vocab_size is None else replace(PI0Arch.tiny(), vocab_size=vocab_size)
+    policy = tiny_policy() if vocab_size is None else PI0Policy(arch)
+    save_canonical(policy, directory)
+    if tokenizer_words:
+        build_tiny_tokenizer(directory, [" ".join(f"word{i}" for i in range(tokenizer_words))])
+    return directory
+
+
+def test_deepspeed_flag_is_folded_into_the_config(trainer_calls, tmp_path):
+    assert train_cli.main(["--deepspeed", "ds_configs/zero3.json", f"output_dir={tmp_path}"]) == 0
+    ((cfg, args, kwargs),) = trainer_calls
+    assert cfg.engine.deepspeed_config == "ds_configs/zero3.json" and cfg.engine.zero_stage == 3
+    assert not args and not kwargs  # nothing beside cfg: config.yaml and the resume check see it all
+
+
+def test_zero_stage_must_agree_with_the_json(trainer_calls, capsys):
+    assert train_cli.main(["--deepspeed", "ds_configs/zero3.json", "engine.zero_stage=2"]) == 2
+    _assert_one_line(capsys.readouterr().err, "engine.zero_stage=2 disagrees with")
+
+
+@pytest.mark.parametrize(
+    ("zero", "message"),
+    [
+        ({"stage": 7}, "zero_optimization.stage=7 must be one of 0, 1, 2, 3"),
+        ({"stage": "3"}, "zero_optimization.stage='3' must be one of 0, 1, 2, 3"),
+        ({"stage": True}, "zero_optimization.stage=True must be one of 0, 1, 2, 3"),
+        (3, "zero_optimization must be a JSON object"),
+        ({"stage": 3, "offload_optimizer": {"device": "gpu"}}, "offload_optimizer.device='gpu' must be"),
+        ({"stage": 3, "offload_param": "cpu"}, "offload_param must be a JSON object"),
+        ({"stage": 1, "overlap_comm": True}, "overlap_comm=true needs stage 2 or 3"),
+    ],
+)
+def test_invalid_zero_values_are_config_errors(zero, message, trainer_calls, tmp_path, capsys):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": zero}))
+    assert train_cli.main(["--deepspeed", str(path)]) == 2
+    _assert_one_line(capsys.readouterr().err, message)
+    assert not trainer_calls
+
+
+def test_resume_flag(trainer_calls, tmp_path, capsys):
+    assert train_cli.main(["--resume", "none", f"output_dir={tmp_path}"]) == 0
+    assert trainer_calls[-1][0].ckpt.resume == "none"
+    assert train_cli.main(["--resume", "none", "ckpt.resume=none"]) == 0  # the same value twice is fine
+    assert train_cli.main(["--resume", "none", "ckpt.resume=auto"]) == 2
+    _assert_one_line(capsys.readouterr().err, "--resume none conflicts with ckpt.resume=auto")
+    assert train_cli.main(["--resume", "/nonexistent/ckpt"]) == 2
+    _assert_one_line(capsys.readouterr().err, "ckpt.resume=/nonexistent/ckpt is neither auto")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "header"])
+def test_corrupt_weights_file_is_one_line(damage, trainer_calls, tmp_path, capsys):
+    ckpt = _tiny_checkpoint(tmp_path / "ckpt")
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        weights.write_bytes(b"this is not a safetensors file at all")
+    else:
+        weights.write_bytes(data[:9] + b"#" + data[10:])  # the header is no JSON
+    assert train_cli.main([f"model.checkpoint={ckpt}", f"output_dir={tmp_path}"]) == 2
+    _assert_one_line(capsys.readouterr().err, f"{weights}")
+    assert not trainer_calls
+    eval_cli = load_script("launch/eval.py")
+    assert eval_cli.main(["--checkpoint", str(ckpt), "--suite", "synthetic", "--out", str(tmp_path)]) == 2
+    _assert_one_line(capsys.readouterr().err, f"{weights}")
+
+
+def test_checkpoint_keys_are_checked_before_distributed_init(trainer_calls, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = _tiny_checkpoint(tmp_path / "ckpt")
+    state = load_file(str(ckpt / "model.safetensors"))
+    del state["action_out_proj.weight"]
+    save_file(state, str(ckpt / "model.safetensors"))
+    assert train_cli.main([f"model.checkpoint={ckpt}", f"output_dir={tmp_path}"]) == 2
+    _assert_one_line(capsys.readouterr().err, "missing keys: action_out_proj.weight (1 in all)")
+    assert not trainer_calls
+
+
+def test_real_size_model_needs_a_tokenizer(trainer_calls, tmp_path, capsys):
+    assert train_cli.main(["model.arch=pi0", f"output_dir={tmp_path}"]) == 2
+    _assert_one_line(capsys.readouterr().err, "set model.tokenizer_path")
+    big = _tiny_checkpoint(tmp_path / "big", vocab_size=1000)  # more rows than any built-in tiny model
+    assert train_cli.main([f"model.checkpoint={big}", f"output_dir={tmp_path}"]) == 2
+    _assert_one_line(capsys.readouterr().err, f"model.checkpoint={big} holds no tokenizer.model")
+    assert not trainer_calls
+    assert train_cli.main([f"model.checkpoint={_tiny_checkpoint(tmp_path / 'tiny')}"]) == 0  # tiny: built in
+
+
+def test_tokenizer_must_fit_the_embedding(trainer_calls, tmp_path, capsys):
+    ckpt = _tiny_checkpoint(tmp_path / "ckpt", vocab_size=64, tokenizer_words=100)  # ~100 pieces > 64 rows
+    assert train_cli.main([f"model.checkpoint={ckpt}", f"output_dir={tmp_path}"]) == 2
+    _assert_one_line(capsys.readouterr().err, "has 64 token embeddings")
+    tok = ckpt / "tokenizer.model"
+    other = _tiny_checkpoint(tmp_path / "other", vocab_size=64)
+    assert train_cli.main([f"model.checkpoint={other}", f"model.tokenizer_path={tok}"]) == 2
+    _assert_one_line(capsys.readouterr().err, "has 64 token embeddings")
+    assert not trainer_calls
+
+
+def test_ambiguous_norm_stats_are_found_before_distributed_init(trainer_calls, tmp_path, capsys):
+    ckpt = _tiny_checkpoint(tmp_path / "ckpt")
+    for robot in ("a", "b"):
+        (ckpt / "assets" / robot).mkdir(parents=True)
+        (ckpt / "assets" / robot / "norm_stats.json").write_text("{}")
+    assert train_cli.main([f"model.checkpoint={ckpt}", f"output_dir={tmp_path}"]) == 2
+    _assert_one_line(capsys.readouterr().err, "several openpi norm stats")
+    assert not trainer_calls

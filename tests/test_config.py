@@ -67,3 +67,53 @@ def test_in_process_envs_are_for_the_synthetic_env_only():
     with pytest.raises(ConfigError, match=r"rollout\.in_process=true is for env\.kind=synthetic only"):
         load_config(None, ["env.kind=libero", "env.suite=libero_spatial", "rollout.in_process=true"])
     assert load_config(None, ["rollout.in_process=true"]).rollout.in_process
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.grad_accum_steps=0", "train.grad_accum_steps must be >= 1"),
+        ("rollout.render_device=-1", "rollout.render_device=-1 must be a GPU index >= 0"),
+        ("train.epochs=0", "train.epochs must be >= 1"),
+        ("ript.fpo_samples=0", "ript.fpo_samples must be >= 1"),
+        ("train.iterations=-1", "train.iterations must be >= 0"),
+        ("train.warmup_steps=-1", "train.warmup_steps must be >= 0"),
+        ("train.eval_every=-2", "train.eval_every must be >= 0"),
+        ("train.grad_clip=-1", "train.grad_clip must be >= 0"),
+        ("train.weight_decay=-0.1", "train.weight_decay must be >= 0"),
+        ("train.collective_timeout_s=0", "train.collective_timeout_s must be > 0"),
+        ("ckpt.every=-1", "ckpt.every must be >= 0"),
+        ("rollout.step_timeout_s=0", "rollout.step_timeout_s must be > 0"),
+        ("rollout.videos_per_iteration=-1", "rollout.videos_per_iteration must be >= 0"),
+        ("ript.cfg_alpha=-1", "ript.cfg_alpha must be >= 0"),
+        ("ript.awr_beta=0", "ript.awr_beta must be > 0"),
+        ("ript.fpo_clip=0", "ript.fpo_clip must be > 0"),
+        ("ript.skip_solved_after=0", "ript.skip_solved_after must be >= 1"),
+        ("env.num_eval_init_states=-1", "env.num_eval_init_states must be >= 0"),
+        ("env.max_steps=0", "env.max_steps must be >= 1"),
+        ("model.num_inference_steps=0", "model.num_inference_steps must be >= 1"),
+        ("model.tokenizer_max_length=1", "model.tokenizer_max_length must be >= 2"),
+        ("engine.lora.dropout=1", "engine.lora.dropout must be in [0, 1)"),
+    ],
+)
+def test_ranges_are_checked(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_help_config_prints_whole_docs():
+    from ript_ds.config import describe_config
+
+    text = describe_config()
+    # a doc ending in a parenthesis, and one wrapped by the formatter over several lines
+    assert "every N iterations (0 = never)\n" in text
+    assert "keep_last (int, default 2): complete checkpoints kept (plus the best)\n" in text
+    for line in text.splitlines():
+        if line.startswith("  "):
+            assert line.count("(") == line.count(")"), line
+
+
+def test_num_inference_steps_defaults_to_the_checkpoints():
+    assert ExperimentCfg().model.num_inference_steps is None
+    assert load_config(None, ["model.num_inference_steps=3"]).model.num_inference_steps == 3

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from ript_ds.config import ConfigError, TrainCfg
+from ript_ds.engine import deepspeed as ds  # plainly: a broken DeepSpeed install fails, never skips
 from ript_ds.engine import dist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +63,13 @@ def test_slurm_env_is_translated(monkeypatch):
 
 
 def test_ds_config_is_filled_in_one_place(tmp_path):
-    ds = pytest.importorskip("ript_ds.engine.deepspeed")
     train = TrainCfg(micro_batch_size=3, grad_accum_steps=2, grad_clip=0.5)
     cfg = ds.build_ds_config(ROOT / "ds_configs" / "zero3.json", train, world_size=4, bf16=True)
     assert cfg["train_batch_size"] == 24 and cfg["gradient_accumulation_steps"] == 2
     assert cfg["train_micro_batch_size_per_gpu"] == 3 and cfg["gradient_clipping"] == 0.5
-    assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in cfg
+    autocast = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}  # fp32 reductions
+    assert cfg["torch_autocast"] == autocast and "bf16" not in cfg
+    assert cfg["managed_gradient_accumulation"] is False  # rl/update.py owns the boundary
     assert cfg["zero_optimization"]["stage"] == 3
     offload = ds.build_ds_config(ROOT / "ds_configs" / "zero3_offload.json", train, 1, bf16=False)
     assert offload["zero_force_ds_cpu_optimizer"] is False
@@ -95,32 +97,15 @@ def test_ds_config_is_filled_in_one_place(tmp_path):
         ds.build_ds_config(ROOT / "ds_configs" / "zero2.json", train, 1, bf16=False, overrides=offload)
 
 
-def test_lr_schedule():
-    ds = pytest.importorskip("ript_ds.engine.deepspeed")
-    constant = ds.lr_lambda(4, "constant", None, 0.1)
-    assert [constant(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    cosine = ds.lr_lambda(2, "cosine", 12, 0.1)
-    assert cosine(0) == 0.5 and cosine(2) == pytest.approx(1.0)
-    assert (
-        cosine(7) == pytest.approx(0.55)
-        and cosine(12) == pytest.approx(0.1)
-        and cosine(50) == pytest.approx(0.1)
-    )
-    with pytest.raises(ConfigError, match="total_steps"):
-        ds.lr_lambda(0, "cosine", None, 0.1)
-
-
 def test_lora_targets_skip_unused_modules():
-    ds = pytest.importorskip("ript_ds.engine.deepspeed")
     from conftest import tiny_policy
 
     from ript_ds.config import LoraCfg
+    from ript_ds.engine.lora import lora_target_names
 
     policy = tiny_policy()
-    both = ds.lora_target_names(policy, LoraCfg(enabled=True))
-    expert = ds.lora_target_names(
-        policy, LoraCfg(enabled=True, target="expert", modules=["q_proj", "v_proj"])
-    )
+    both = lora_target_names(policy, LoraCfg(enabled=True))
+    expert = lora_target_names(policy, LoraCfg(enabled=True, target="expert", modules=["q_proj", "v_proj"]))
     assert all(n.startswith("model.dit.") for n in expert) and len(expert) == 4
     last = f"model.vlm.language_model.layers.{policy.arch.vlm.depth - 1}."
     assert f"{last}self_attn.k_proj" in both and f"{last}self_attn.q_proj" not in both
@@ -177,12 +162,19 @@ def test_one_rank_equals_two_ranks(runs):
 
 
 @pytest.mark.multirank
+def test_training_rollouts_and_eval_share_one_precision(runs):
+    p = runs["train1"][0]["precision"]
+    assert p["dtype"] == "bfloat16" and p["same_as_eval"], p
+    assert p["fp32_differs"] > 0  # the check can fail: fp32 sampling gives other actions
+
+
+@pytest.mark.multirank
 def test_stage0_matches_zero2_and_reports_the_norm(runs):
-    for job, world in (("train1", 1), ("train2", 2)):
+    for job in ("train1", "train2"):
         r = runs[job][0]
         assert _close(r["z0"], r["z2"]), (r["z0"], r["z2"])  # 2 ranks: gradients still averaged
         assert _close(r["z0_norms"], r["z2_norms"], 1e-4), (r["z0_norms"], r["z2_norms"])
-        assert r["z0_backward_allreduce"] == (world > 1)
+        assert r["z0_backward_allreduce"] is False  # step() reduces (equal to ZeRO-2 above on 2 ranks)
         assert r["z0_step4"] == r["z0_step4_resumed"]
 
 
@@ -190,8 +182,7 @@ def test_stage0_matches_zero2_and_reports_the_norm(runs):
 def test_gradient_accumulation_matches_one_big_batch(runs):
     one = runs["train1"][0]
     assert _close(one["accum"], one["z2"]), (one["accum"], one["z2"])
-    assert one["accum_norms"][0::2] == [None] * 3  # step() before the boundary: no optimizer step
-    assert _close(one["accum_norms"][1::2], one["z2_norms"], 1e-4)
+    assert _close(one["accum_norms"], one["z2_norms"], 1e-4)  # two backwards, then one step
 
 
 @pytest.mark.multirank

@@ -172,3 +172,22 @@ def test_render_threads_split_the_cores(monkeypatch):
     assert [render_threads(n) for n in (1, 2, 3, 8, 16)] == ["8", "4", "2", "1", "1"]
     monkeypatch.setenv("LP_NUM_THREADS", "3")
     assert render_threads(4) == "3"  # the user's setting wins
+
+
+def test_workers_outlive_preemption_signals():
+    """SLURM's --signal reaches every process of a job step and the sbatch scripts signal the rank's
+    whole tree: workers must survive SIGUSR1/SIGTERM (the driver handles them and stops its workers),
+    also in their first milliseconds, before their own code runs."""
+    with EnvPool(EnvFactory("synthetic"), num_workers=2) as pool:
+        pids = pool.pids()
+        for pid in pids:  # at once: the workers are still starting their interpreter
+            os.kill(pid, signal.SIGUSR1)
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(1.0)
+        for pid in pids:  # and again once they run their loop
+            os.kill(pid, signal.SIGUSR1)
+            os.kill(pid, signal.SIGTERM)
+        result = collect(expert_fn, pool, requests(4))
+        assert pool.pids() == pids and pool.stats.crashes == 0
+        assert all(ep.success and ep.failure_reason is None for ep in result.episodes)
+    assert wait_dead(pids) == []

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from ript_ds.env.base import simulator_seed
 from ript_ds.env.synthetic import (
     ScriptedExpert,
     SyntheticEnv,
@@ -142,3 +143,34 @@ def test_expert_chunk_reaches_the_goal_open_loop():
         if result.done:
             break
     assert result.success
+
+
+def test_seeds_outside_32_bits_reset_and_replay():
+    """Trainer seeds are train.seed * 10_000_000 + index, past 2**32 from train.seed=430; the env folds
+    any int into its simulator's 32-bit range, so such episodes run and replay from Episode.seed."""
+    task = synthetic_tasks(1)[0]
+    env = SyntheticEnv(task, difficulty=0.7)
+    actions = np.random.default_rng(0).uniform(-1, 1, size=(task.max_steps, 7)).astype(np.float32)
+    for seed in (430 * 10_000_000 + 3, 2**64 + 1, -5):
+        obs_a, _, succ_a = run_episode(env, None, 2, seed, actions)
+        obs_b, _, succ_b = run_episode(env, None, 2, seed, actions)
+        assert succ_a == succ_b
+        assert all(np.array_equal(x.state, y.state) for x, y in zip(obs_a, obs_b, strict=True))
+    # Seeds already in range are applied as they are: existing episodes replay unchanged.
+    assert simulator_seed(0) == 0 and simulator_seed(7) == 7 and simulator_seed(2**32 - 1) == 2**32 - 1
+    # One run's seeds stay distinct after folding (they are < 10_000_000 apart).
+    run = [430 * 10_000_000 + i for i in range(0, 10_000_000, 9_973)]
+    assert len({simulator_seed(s) for s in run}) == len(run)
+    assert all(0 <= simulator_seed(s) < 2**32 for s in (*run, -1, -(2**40), 2**100))
+
+
+def test_step_reports_the_executed_action_clipped_to_the_action_space():
+    task = synthetic_tasks(1)[0]
+    a, b = SyntheticEnv(task, difficulty=0.5), SyntheticEnv(task, difficulty=0.5)
+    a.reset(0, seed=4)
+    b.reset(0, seed=4)
+    asked = np.array([3.0, -0.5, 7.0, -2.0, 0.3, 1.5, -9.0], dtype=np.float32)
+    result = a.step(asked)
+    np.testing.assert_array_equal(result.action, np.clip(asked, -1.0, 1.0))
+    # What it reports is what it did: stepping the reported action gives the same next state.
+    np.testing.assert_array_equal(b.step(result.action).obs.state, result.obs.state)

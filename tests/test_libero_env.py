@@ -252,3 +252,28 @@ def test_replay_is_exact_and_independent_of_earlier_resets(goal_env: L.LiberoEnv
     again = _rollout(goal_env, 0, 7, actions)
     for key in first:
         np.testing.assert_array_equal(again[key], first[key], err_msg=key)
+
+
+@pytest.mark.libero
+def test_seed_past_32_bits_resets_and_replays(goal_env: L.LiberoEnv) -> None:
+    # train.seed=430 gives episode seeds past 2**32, which LIBERO's env.seed (np.random.seed) rejects.
+    seed = 430 * 10_000_000 + 5
+    actions = np.zeros((2, 7))
+    first = _rollout(goal_env, 0, seed, actions)
+    again = _rollout(goal_env, 0, seed, actions)  # replay from the recorded Episode.seed
+    for key in first:
+        np.testing.assert_array_equal(again[key], first[key], err_msg=key)
+
+
+@pytest.mark.libero
+def test_step_reports_the_executed_action_clipped_to_the_action_space(goal_env: L.LiberoEnv) -> None:
+    # robosuite clips the arm command to [-1, 1] and uses only the gripper command's sign, so the
+    # clipped action is exactly what ran: replaying it reproduces the step.
+    asked = np.array([2.5, -0.3, -4.0, 0.2, 1.7, -0.1, -6.0])
+    goal_env.reset(0, seed=7)
+    result = goal_env.step(asked)
+    np.testing.assert_array_equal(result.action, np.clip(asked, -1.0, 1.0))
+    goal_env.reset(0, seed=7)
+    replayed = goal_env.step(result.action)
+    np.testing.assert_array_equal(replayed.obs.state, result.obs.state)
+    np.testing.assert_array_equal(replayed.obs.images, result.obs.images)

@@ -26,7 +26,7 @@ def test_libero_pool_survives_a_killed_worker(tmp_path):
     policy = tiny_policy(image_size=64).eval()
     tok = PromptTokenizer(build_tiny_tokenizer(tmp_path, [task.instruction]), max_length=32)
     proc = Processor(tok, NormStats.identity(8, 7), action_dim=7)
-    pi0_fn = make_pi0_policy_fn(policy, proc, num_steps=2, guidance=None, base_seed=0)
+    pi0_fn = make_pi0_policy_fn(policy, proc, device="cpu", num_steps=2, guidance=None, base_seed=0)
     calls, killed = [], []
 
     def killing_fn(observations, tasks, keys):

@@ -192,3 +192,51 @@ def test_sample_noise_time_follows_pi0_distributions():
     again = sample_noise_time(arch, 20_000, np.random.default_rng(0))
     torch.testing.assert_close(t, again[1])
     torch.testing.assert_close(noise, again[0])
+
+
+def test_bf16_precision_keeps_the_reference_fp32_parts_in_fp32():
+    """model.pi0.precision(bf16): the Gemma stacks compute in bf16, while the vision tower, projector,
+    state/action/time projections and the output head stay fp32 (what the reference keeps fp32)."""
+    from ript_ds.model.pi0 import precision
+
+    policy = tiny_policy().eval()
+    seen: dict[str, torch.dtype] = {}
+    watch = {
+        "vision": policy.model.vlm.multi_modal_projector.linear,
+        "action_in": policy.embed_action_time.action_in_proj,
+        "time_mlp": policy.embed_action_time.action_time_mlp_out,
+        "out": policy.action_out_proj,
+        "gemma_q": policy.model.dit.layers[0].self_attn.q_proj,
+    }
+    for name, module in watch.items():
+        module.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.dtype))
+    batch = random_batch(policy.arch, b=2)
+    noise = torch.randn(2, policy.arch.chunk_size, policy.arch.max_action_dim)
+    with precision("cpu", "bfloat16"):
+        bf16 = policy.sample_actions(batch, noise, num_steps=2)
+    assert seen == {
+        "vision": torch.float32,
+        "action_in": torch.float32,
+        "time_mlp": torch.float32,
+        "out": torch.float32,
+        "gemma_q": torch.bfloat16,
+    }, seen
+    with precision("cpu", "float32"):
+        fp32 = policy.sample_actions(batch, noise, num_steps=2)
+    assert seen["gemma_q"] == torch.float32 and bf16.dtype == fp32.dtype == torch.float32
+    assert 0 < (bf16 - fp32).abs().max() < 0.1  # bf16 rounding, nothing else
+
+
+def test_guidance_with_equal_but_nonzero_condition_rows_keeps_the_condition():
+    policy = tiny_policy().eval()
+    with torch.no_grad():
+        policy.cond_embed.weight.copy_(torch.randn(1, policy.cond_embed.weight.shape[1]).repeat(2, 1))
+    batch = random_batch(policy.arch, b=2)
+    noise = torch.randn(2, policy.arch.chunk_size, policy.arch.max_action_dim)
+    guided = policy.sample_actions(batch, noise, num_steps=2, guidance=1.5)
+    plain = policy.sample_actions(batch, noise, num_steps=2, guidance=None)
+    with torch.no_grad():
+        policy.cond_embed.weight[0].add_(1e-3)  # rows differ: the full two-branch path
+    two_branch = policy.sample_actions(batch, noise, num_steps=2, guidance=1.0)  # w=1: conditional only
+    assert not torch.allclose(guided, plain)  # the shared non-zero row is still added
+    assert torch.allclose(guided, two_branch, atol=1e-5)

@@ -130,7 +130,7 @@ def test_processor_batch_and_decode(sp_tokenizer):
     images[0, 0, 0, 0] = [255, 0, 128]
     states = np.arange(16, dtype=np.float32).reshape(2, 8)
     actions = np.ones((2, 5, 7), dtype=np.float32)
-    batch = proc.batch(images, states, PROMPTS, actions)
+    batch = proc.batch(images, states, PROMPTS, actions, device="cpu")
     assert batch.images.shape == (2, 3, 3, 4, 4)
     assert batch.image_masks.tolist() == [[True, True, False]] * 2
     assert batch.images[0, 0, :, 0, 0].tolist() == pytest.approx([1.0, -1.0, 128 / 255 * 2 - 1], abs=1e-6)

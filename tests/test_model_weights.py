@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -144,3 +145,81 @@ def test_infer_arch_from_shapes():
     assert arch == fixture_arch()
     with pytest.raises(CheckpointError, match="vision head count"):
         infer_arch(state)
+
+
+# ------------------------------------------------------------------------------------------ issue 11
+def test_lerobot_v03_norm_stats_are_found_by_the_trainer_and_eval_alike(tmp_path):
+    from ript_ds.build import build_components
+    from ript_ds.config import load_config
+    from ript_ds.model.normalization import load_norm_stats
+
+    save_file(as_lerobot_v03(lerobot_weights()), str(tmp_path / "model.safetensors"))
+    (tmp_path / "pi0_arch.json").write_text(json.dumps(fixture_arch().to_dict()))
+    stats = load_norm_stats(tmp_path)  # no weights handed in: read from the weights file itself
+    assert stats is not None
+    np.testing.assert_array_equal(stats.state.mean, np.arange(8.0))
+    cfg = load_config(None, [f"model.checkpoint={tmp_path}", f"output_dir={tmp_path / 'out'}"])
+    evaluator = build_components(cfg).processor.norm_stats  # launch/eval.py: the policy is loaded here
+    trainer = build_components(cfg, policy=load_checkpoint(tmp_path).policy).processor.norm_stats
+    assert trainer == evaluator == stats
+
+
+def test_lerobot_v03_norm_stats_in_a_sharded_checkpoint(tmp_path):
+    from ript_ds.model.normalization import load_norm_stats
+
+    w = as_lerobot_v03(lerobot_weights())
+    buffers = {k: v for k, v in w.items() if k.startswith("normalize_")}
+    rest = {k: v for k, v in w.items() if k not in buffers}
+    save_file(rest, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file(buffers, str(tmp_path / "model-00002-of-00002.safetensors"))
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in rest}
+    weight_map |= {k: "model-00002-of-00002.safetensors" for k in buffers}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    stats = load_norm_stats(tmp_path)
+    assert stats is not None
+    np.testing.assert_array_equal(stats.actions.std, np.full(7, 0.5))
+    assert load_checkpoint(tmp_path, arch=fixture_arch()).norm_stats == stats
+
+
+def test_damaged_weights_files_are_checkpoint_errors(tmp_path):
+    from ript_ds.model.weights import inspect_checkpoint, read_safetensors
+
+    save_canonical(tiny_policy(), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-100])
+    readers = (read_safetensors, lambda p: inspect_checkpoint(p.parent), lambda p: load_checkpoint(p.parent))
+    for read in readers:
+        with pytest.raises(CheckpointError, match=r"is truncated \(\d+ bytes, its header describes \d+\)"):
+            read(weights)
+    weights.write_bytes(b"\x00" * 4)
+    with pytest.raises(CheckpointError, match="is not a safetensors file"):
+        inspect_checkpoint(tmp_path)
+    weights.write_bytes((10**9).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointError, match="is not a safetensors file"):
+        read_safetensors(weights)
+
+
+def test_inspect_checkpoint_reads_only_the_header_and_checks_like_a_load(tmp_path):
+    from ript_ds.model.weights import inspect_checkpoint
+
+    save_file(lerobot_weights(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "pi0_arch.json").write_text(json.dumps(fixture_arch().to_dict()))
+    expected = replace(fixture_arch(), num_inference_steps=3)
+    assert inspect_checkpoint(tmp_path, num_inference_steps=3) == expected
+    w = lerobot_weights()
+    w["model.state_proj.weight"] = torch.zeros(32, 16)
+    save_file(w, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"shape mismatch.*model\.state_proj\.weight \(32, 16\)"):
+        inspect_checkpoint(tmp_path)
+
+
+def test_one_key_check_for_every_loader():
+    from ript_ds.model.weights import check_state
+
+    expected = {"a.weight": (2, 3), "cond_embed.weight": (2, 4)}
+    check_state(expected, {"a.weight": (2, 3)}, "x")  # cond_embed may be absent (zero-initialised)
+    with pytest.raises(CheckpointError, match=r"x: shape mismatch .*a\.weight \(1, 3\) vs \(2, 3\)"):
+        check_state(expected, {"a.weight": (1, 3)}, "x")  # broadcastable, still refused
+    with pytest.raises(CheckpointError, match=r"missing keys: a\.weight .*unexpected keys: b\.weight"):
+        check_state(expected, {"b.weight": (2, 3)}, "x")

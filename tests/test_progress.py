@@ -43,22 +43,22 @@ def test_episode_bar_renders_counts_and_env_step_rate():
 
 class _Backend:
     def __init__(self):
-        self.steps = 0
+        self.losses = []
 
     def forward(self, x):
         return 2 * x
 
-    def step(self):
-        self.steps += 1
-        return 0.5 if self.steps % 2 == 0 else None
+    def backward(self, loss):
+        self.losses.append(loss)
 
 
-def test_micro_step_bar_counts_steps_and_delegates():
+def test_micro_step_bar_counts_backward_passes_and_delegates():
     stream, inner = FakeTTY(), _Backend()
     with micro_step_bar(inner, 3, True, stream) as backend:
         assert backend.forward(3) == 6  # delegated
-        assert [backend.step() for _ in range(3)] == [None, 0.5, None]  # results passed through
-    assert inner.steps == 3
+        for loss in (1.0, 2.0, 3.0):  # one backward per micro-batch, however many optimizer steps
+            backend.backward(loss)
+    assert inner.losses == [1.0, 2.0, 3.0]
     text = stream.getvalue()
     assert "update: 2/3 micro-steps" in text and "update: 3/3 micro-steps" in text, text
 

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from conftest import tiny_policy
 
+from ript_ds.env.inline import InlinePool
 from ript_ds.env.pool import EnvFactory, EnvPool
 from ript_ds.env.synthetic import SyntheticEnv, expert_chunk, synthetic_tasks
 from ript_ds.model.normalization import FeatureStats, NormStats
 from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
-from ript_ds.rl.rollout import NoiseKey, RolloutRequest, collect, make_pi0_policy_fn, noise_seed
+from ript_ds.rl.rollout import PREEMPTED, NoiseKey, RolloutRequest, collect, make_pi0_policy_fn, noise_seed
 from ript_ds.rl.types import Context
 from ript_ds.rl.video import episode_frames, write_videos
 
@@ -37,7 +38,7 @@ def processor(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pi0_fn(processor):
-    return make_pi0_policy_fn(tiny_policy(seed=0).eval(), processor, num_steps=3)
+    return make_pi0_policy_fn(tiny_policy(seed=0).eval(), processor, device="cpu", num_steps=3)
 
 
 def make_requests(specs):
@@ -136,10 +137,65 @@ def test_noise_scale_widens_chunks_and_one_is_the_default(processor):
     policy = tiny_policy(seed=0).eval()
 
     def chunks(**kwargs):
-        return make_pi0_policy_fn(policy, processor, num_steps=3, **kwargs)(obs, [TASKS[0]] * 32, keys)
+        fn = make_pi0_policy_fn(policy, processor, device="cpu", num_steps=3, **kwargs)
+        return fn(obs, [TASKS[0]] * 32, keys)
 
     np.testing.assert_array_equal(chunks(noise_scale=1.0), chunks())
     spread = [chunks(noise_scale=s).reshape(32, -1).std(axis=0).mean() for s in (1.0, 2.0)]
     assert spread[1] > 1.3 * spread[0], spread
     with pytest.raises(ValueError, match="noise_scale must be > 0"):
-        make_pi0_policy_fn(policy, processor, noise_scale=0.0)
+        make_pi0_policy_fn(policy, processor, device="cpu", noise_scale=0.0)
+
+
+@pytest.mark.parametrize("in_process", [False, True])
+def test_episodes_record_the_actions_the_env_executed(pool, in_process):
+    """A policy asking for more than the action space allows: the env clips to [-1, 1], and the
+    episode (whose actions become training targets) must hold what was executed, not what was asked."""
+    asked = {}
+
+    def overshooting(observations, tasks, keys):
+        chunks = []
+        for o, t, k in zip(observations, tasks, keys, strict=True):
+            chunk = expert_chunk(o.state, t, horizon=6) * 4.0  # arm dims up to +-4
+            chunk[:, 2:] = np.random.default_rng([k.seed, k.replan_index]).uniform(-3, 3, (6, 5))
+            asked[k.seed, k.replan_index] = chunk
+            chunks.append(chunk)
+        return np.stack(chunks)
+
+    slots = InlinePool(EnvFactory("synthetic", {"difficulty": 0.5}), 2) if in_process else pool
+    requests = make_requests([(0, 0, 21), (1, 1, 22), (2, 2, 23)])
+    eps = collect(overshooting, slots, requests, replan_every=5).episodes
+    for ep in eps:
+        wanted = np.concatenate([asked[ep.seed, i][:5] for i in range(len(ep.replan_steps))])[: ep.length]
+        assert np.abs(wanted).max() > 1.5  # the policy really overshot
+        np.testing.assert_array_equal(ep.actions, np.clip(wanted, -1.0, 1.0).astype(np.float32))
+
+
+def test_should_stop_ends_the_collection_at_the_next_round(pool):
+    """A preemption must not wait for every queued episode: once should_stop() is true, collect
+    returns after the current round with the unfinished episodes marked, never to be learned from."""
+    rounds = []
+
+    def expert(observations, tasks, keys):
+        return np.stack(
+            [expert_chunk(o.state, t, horizon=5) * 0.2 for o, t in zip(observations, tasks, strict=True)]
+        )  # slow: no episode ends within the rounds below
+
+    def stop_after_three():
+        rounds.append(len(rounds))
+        return len(rounds) > 3
+
+    requests = make_requests([(i % 3, i, 40 + i) for i in range(6)])
+    result = collect(expert, pool, requests, replan_every=2, should_stop=stop_after_three)
+    eps = result.episodes
+    assert len(rounds) == 4 and [ep.seed for ep in eps] == [40 + i for i in range(6)]
+    assert all(ep.failure_reason == PREEMPTED and ep.crashed and not ep.success for ep in eps)
+    assert [ep.length for ep in eps] == [6, 6, 0, 0, 0, 0]  # 3 step rounds of 2 on both slots
+    assert result.stats.failures == 6 and result.stats.env_steps == 12
+    # Nothing was left pending: the pool serves the next collection normally.
+    again = collect(expert_fn_full, pool, make_requests([(0, 0, 1)]), replan_every=5).episodes
+    assert again[0].failure_reason is None and again[0].success
+
+
+def expert_fn_full(observations, tasks, keys):
+    return np.stack([expert_chunk(o.state, t, horizon=6) for o, t in zip(observations, tasks, strict=True)])

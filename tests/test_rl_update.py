@@ -10,9 +10,10 @@ import torch
 from conftest import tiny_policy
 
 from ript_ds.model.normalization import NormStats
+from ript_ds.model.pi0 import reduce_loss, sample_noise_time
 from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
 from ript_ds.rl.types import Window
-from ript_ds.rl.update import TorchBackend, UpdateCfg, run_update
+from ript_ds.rl.update import TorchBackend, UpdateCfg, plan_update, run_update, window_refs
 
 PROMPTS = {0: "move to the red target", 1: "move to the blue target"}
 
@@ -23,7 +24,7 @@ def processor(tmp_path_factory):
     return Processor(tok, NormStats.identity(8, 7), action_dim=7)
 
 
-def windows(n: int, advantages, seed: int = 0) -> list[Window]:
+def windows(n: int, advantages, seed: int = 0, keyed: bool = True) -> list[Window]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
@@ -37,6 +38,7 @@ def windows(n: int, advantages, seed: int = 0) -> list[Window]:
                 actions=actions,
                 action_mask=mask,
                 advantage=float(advantages[i % len(advantages)]),
+                key=(1000 + seed, i) if keyed else None,
             )
         )
     return out
@@ -44,8 +46,7 @@ def windows(n: int, advantages, seed: int = 0) -> list[Window]:
 
 def update(policy, processor, ws, **kw):
     cfg = UpdateCfg(**{"micro_batch_size": 4, **kw})
-    backend = TorchBackend(policy, lr=1e-2, grad_accum_steps=kw.pop("accum", 1) if "accum" in kw else 1)
-    return run_update(backend, policy.arch, processor, ws, PROMPTS, cfg, np.random.default_rng(0))
+    return run_update(TorchBackend(policy, lr=1e-2), policy.arch, processor, ws, PROMPTS, cfg, seed=0)
 
 
 def test_cfg_conditional_term_only_for_positive_advantages(processor):
@@ -60,33 +61,32 @@ def test_cfg_conditional_term_only_for_positive_advantages(processor):
 
 
 class GradProbe(TorchBackend):
-    """Records the accumulated gradient at each boundary instead of stepping (Adam would amplify
-    float-noise gradients of ~1e-9 into lr-sized moves and hide what we compare)."""
+    """Records the accumulated gradient at each optimizer step instead of stepping (Adam would amplify
+    float-noise gradients of ~1e-9 into lr-sized moves and hide what we compare). world_size: the
+    data-parallel average this probe stands for (its gradients are later averaged by the test)."""
+
+    def __init__(self, policy, world_size: int = 1):
+        super().__init__(policy, lr=1e-2)
+        self.world_size, self.grads = world_size, []
 
     def step(self):
-        self.grads = {n: p.grad.clone() for n, p in self.policy.named_parameters() if p.grad is not None}
+        self.grads.append(
+            {n: p.grad.clone() for n, p in self.policy.named_parameters() if p.grad is not None}
+        )
         self.policy.zero_grad()
         return 0.0
 
 
 def test_zero_weight_padding_changes_nothing(processor):
     ws = windows(4, [1.0, -1.0])
-    padded = ws + [w.as_padding() for w in windows(4, [5.0], seed=9)]
     grads = []
-    for wl, size in ((ws, 4), (padded, 8)):
+    for size in (4, 8):  # one micro-batch of 4, or of 8 with nothing else in it
         policy = tiny_policy()
-        probe = GradProbe(policy, lr=1e-2)
+        probe = GradProbe(policy)
         run_update(
-            probe,
-            policy.arch,
-            processor,
-            wl,
-            PROMPTS,
-            UpdateCfg(loss="awr", micro_batch_size=size),
-            np.random.default_rng(0),
+            probe, policy.arch, processor, ws, PROMPTS, UpdateCfg(loss="awr", micro_batch_size=size), 0
         )
-        grads.append(probe.grads)
-    # Same real windows in one micro-batch of 4 or of 8 with half padding: the same gradient.
+        grads.append(probe.grads[0])
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
@@ -109,43 +109,116 @@ def test_fpo_ratio_starts_at_one(processor):
     assert set(stats.extra) == {"fpo/ratio", "fpo/clip_frac"}
 
 
-def test_fixed_micro_batch_count_pads_and_rejects_overflow(processor):
-    stats = update(tiny_policy(), processor, windows(3, [1.0]), loss="awr", micro_batch_size=2)
-    assert stats.micro_steps == 2
+def test_every_objective_reports_its_keys_even_with_only_padding(processor):
+    """A rank that kept no group runs padding only; its totals must carry the same keys as the others'
+    (the trainer sums them over ranks), all zero."""
     policy = tiny_policy()
-    backend = TorchBackend(policy, lr=1e-3)
-    cfg = UpdateCfg(loss="awr", micro_batch_size=2)
-    s = run_update(
-        backend,
-        policy.arch,
-        processor,
-        windows(3, [1.0]),
-        PROMPTS,
-        cfg,
-        np.random.default_rng(0),
-        num_micro_batches=5,
-    )
-    assert s.micro_steps == 5 and s.windows == 3
-    with pytest.raises(ValueError, match="do not fit"):
-        run_update(
-            backend,
-            policy.arch,
-            processor,
-            windows(5, [1.0]),
-            PROMPTS,
-            cfg,
-            np.random.default_rng(0),
-            num_micro_batches=2,
+    real = [window_refs(windows(3, [1.0]))]
+    for loss in ("cfg", "awr", "fpo"):
+        cfg = UpdateCfg(loss=loss, micro_batch_size=2, fpo_samples=2)
+        plan = plan_update([[], *real], 0, cfg, seed=0)  # rank 0 of 2 holds nothing
+        pad = windows(1, [0.0])[0]
+        stats = run_update(GradProbe(policy, 2), policy.arch, processor, [], PROMPTS, cfg, 0, plan, pad)
+        full = run_update(GradProbe(policy), policy.arch, processor, windows(3, [1.0]), PROMPTS, cfg, 0)
+        assert stats.sums.keys() == full.sums.keys(), loss
+        assert all(v == 0.0 for v in stats.sums.values()), (loss, stats.sums)
+        assert stats.micro_steps == plan.micro_steps == 2 and stats.optimizer_steps == 1
+
+
+def test_plan_is_independent_of_the_rank_layout():
+    refs = window_refs(windows(11, [1.0]))
+    cfg = UpdateCfg(micro_batch_size=2, grad_accum_steps=2, epochs=2)
+    one = plan_update([refs], 0, UpdateCfg(micro_batch_size=4, grad_accum_steps=2, epochs=2), seed=3)
+    # Two ranks, windows split unevenly (8 + 3), same global batch (2 x 2 x 2 = 4 x 2 x 1).
+    shards = [refs[:8], refs[8:]]
+    plans = [plan_update(shards, r, cfg, seed=3) for r in (0, 1)]
+    for e in range(2):
+        for s, step in enumerate(one.steps[e]):
+            keys_1 = sorted(refs[i].key for mb in step.micro_batches for i in mb if i >= 0)
+            keys_2 = sorted(
+                shards[r][i].key
+                for r in (0, 1)
+                for mb in plans[r].steps[e][s].micro_batches
+                for i in mb
+                if i >= 0
+            )
+            assert keys_1 == keys_2 and plans[0].steps[e][s].normalizer == step.normalizer
+            assert len(plans[0].steps[e][s].micro_batches) == len(plans[1].steps[e][s].micro_batches)
+    assert one.optimizer_steps == 4 and plans[0].micro_steps == plans[1].micro_steps
+
+
+def test_step_loss_is_the_mean_over_the_steps_windows(processor):
+    """Hand-computed awr value with beta large (weights 1): L = sum_b l_b / B over the step's windows, l_b
+    the window's error averaged over its valid steps and real dims at its own (noise, time) draw; windows
+    of 8, 7 and 6 valid steps weigh the same."""
+    policy = tiny_policy()
+    ws = windows(5, [0.3, -0.2])  # valid steps 8, 7, 6, 8, 7
+    cfg = UpdateCfg(loss="awr", micro_batch_size=2, grad_accum_steps=3, awr_beta=1e9)
+    stats = run_update(GradProbe(policy), policy.arch, processor, ws, PROMPTS, cfg, seed=4)
+    per_window = []
+    for w in ws:
+        noise, t = sample_noise_time(policy.arch, 1, np.random.default_rng([4, 0, *w.key]))
+        batch = processor.batch(
+            w.images[None], w.state[None], [PROMPTS[w.task_id]], w.actions[None], device="cpu"
         )
-    with pytest.raises(ValueError, match="no padding window"):
-        run_update(backend, policy.arch, processor, [], PROMPTS, cfg, np.random.default_rng(0), 1)
+        with torch.no_grad():
+            per = policy(batch, noise, t)
+        per_window.append(float(reduce_loss(per, torch.from_numpy(w.action_mask[None]), 7)[0]))
+    assert stats.optimizer_steps == 1 and stats.micro_steps == 3
+    assert stats.loss == pytest.approx(sum(per_window) / len(per_window), rel=1e-5)
 
 
-def test_gradient_accumulation_steps(processor):
+@pytest.mark.parametrize("loss", ["cfg", "awr", "fpo"])
+def test_two_rank_gradient_equals_one_rank_however_windows_fall(processor, loss):
+    """Data parallelism by hand: each rank's gradient from its own windows, averaged over ranks, equals
+    the 1-rank gradient of the same global batch, even with every window on one rank."""
+    ws = windows(6, [0.7, -0.4, 0.2])
+    one_cfg = UpdateCfg(loss=loss, micro_batch_size=4, fpo_samples=2)
+    two_cfg = UpdateCfg(loss=loss, micro_batch_size=2, fpo_samples=2)
     policy = tiny_policy()
-    backend = TorchBackend(policy, lr=1e-3, grad_accum_steps=2)
-    cfg = UpdateCfg(loss="cfg", micro_batch_size=2, epochs=2)
-    s = run_update(
-        backend, policy.arch, processor, windows(4, [1.0, -1.0]), PROMPTS, cfg, np.random.default_rng(0)
+    ref = GradProbe(copy.deepcopy(policy))
+    one = run_update(ref, policy.arch, processor, ws, PROMPTS, one_cfg, seed=5)
+    for split in (3, 6, 0):  # balanced, all on rank 0, all on rank 1
+        shards = [ws[:split], ws[split:]]
+        refs = [window_refs(s) for s in shards]
+        totals = {}
+        probes = []
+        for r in (0, 1):
+            probe = GradProbe(copy.deepcopy(policy), world_size=2)
+            plan = plan_update(refs, r, two_cfg, seed=5)
+            st = run_update(probe, policy.arch, processor, shards[r], PROMPTS, two_cfg, 5, plan, ws[0], r)
+            probes.append(probe)
+            totals = {k: totals.get(k, 0.0) + v for k, v in st.sums.items()}
+        assert totals["loss"] / st.optimizer_steps == pytest.approx(one.loss, abs=1e-5), split
+        assert len(probes[0].grads) == len(ref.grads) == st.optimizer_steps
+        for s, grads in enumerate(ref.grads):
+            for name, g in grads.items():
+                avg = (probes[0].grads[s][name] + probes[1].grads[s][name]) / 2
+                assert torch.allclose(avg, g, atol=1e-6, rtol=1e-4), (split, s, name)
+
+
+def test_gradient_accumulation_steps_end_the_update_on_a_step(processor):
+    policy = tiny_policy()
+    cfg = UpdateCfg(loss="cfg", micro_batch_size=2, grad_accum_steps=2, epochs=2)
+    ws = windows(5, [1.0, -1.0])  # 3 micro-batches per epoch: the last optimizer step has only one
+    s = run_update(TorchBackend(policy, lr=1e-3), policy.arch, processor, ws, PROMPTS, cfg, seed=0)
+    assert s.micro_steps == 6 and s.optimizer_steps == 4 and s.grad_norm > 0
+
+
+def test_no_windows_and_no_padding_is_an_error(processor):
+    policy = tiny_policy()
+    with pytest.raises(ValueError, match="no padding window"):
+        run_update(TorchBackend(policy, lr=1e-3), policy.arch, processor, [], PROMPTS, UpdateCfg(), 0)
+
+
+def test_micro_batches_are_built_on_the_backend_device(processor):
+    """No CPU default on the update path: masks, advantages, weights and the model batch are made on the
+    backend's device (the engine's accelerator in training); "meta" stands in for a GPU here."""
+    from ript_ds.rl.update import _Batcher
+
+    ws = windows(3, [1.0])
+    mb = _Batcher(processor, PROMPTS, ws[0].as_padding(), torch.device("meta"))(
+        ws, window_refs(ws), np.array([0, 2, -1])
     )
-    assert s.micro_steps == 4 and s.optimizer_steps == 2 and s.grad_norm > 0
+    tensors = [mb.step_mask, mb.advantage, mb.weight, *(v for v in vars(mb.batch).values() if v is not None)]
+    assert {t.device.type for t in tensors} == {"meta"}

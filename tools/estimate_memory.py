@@ -17,7 +17,6 @@ Exit code 2 on bad input.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -110,14 +109,12 @@ def estimates(arch, ds_configs: dict[str, dict], workload: Workload, lora_modes,
 
 
 def lora_targets(arch, workload: Workload) -> list[str]:
-    """The engine's own choice of adapted modules (engine/deepspeed.lora_target_names), on a meta model."""
+    """The engine's own choice of adapted modules (engine/lora.lora_target_names), on a meta model."""
     import torch
 
     from ript_ds.config import LoraCfg
+    from ript_ds.engine.lora import lora_target_names
     from ript_ds.model.pi0 import PI0Policy
-
-    with contextlib.redirect_stdout(sys.stderr):  # deepspeed logs its accelerator choice to stdout
-        from ript_ds.engine.deepspeed import lora_target_names
 
     with torch.device("meta"):
         policy = PI0Policy(arch)

@@ -3,16 +3,18 @@
 Layout under `<run_dir>/checkpoints/`:
 
     iter_000004/                 DeepSpeed's native files (module, optimizer, LR state per rank)
-        rng_rank{r}.json         python / numpy / torch RNG of rank r
+        rng_rank{r}.json         python / numpy / torch RNG of rank r (and CUDA's, every device)
         COMPLETE                 written last by rank 0, after every rank finished: {iteration,
                                  metrics, files: {relative path: size}}
     latest                       the newest complete tag; replaced atomically after COMPLETE
 
 A tag without COMPLETE (killed while writing) or whose files no longer match COMPLETE's sizes is
 skipped with a warning, and the previous complete one is used. Retention keeps the newest `keep_last`
-complete tags plus the best by `rollout/success_rate` (or eval/success_rate when evaluated).
-The client state (iteration, sampler state, episode-seed cursor, update RNG, config and its hash,
-wandb run id) travels inside DeepSpeed's checkpoint.
+complete tags plus the best by held-out `eval/success_rate`; checkpoints saved without an evaluation
+are not ranked (rollout success is measured under exploration noise on other contexts every time),
+so a run that never evaluates keeps the last `keep_last` only.
+The client state (iteration, sampler state, episode-seed cursor, config and its hash, wandb run
+id) travels inside DeepSpeed's checkpoint.
 """
 
 from __future__ import annotations
@@ -38,15 +40,27 @@ log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
-# Keys that may change between a run and its resume without affecting what is computed.
+# Keys that may change between a run and its resume without affecting what is computed: where output
+# goes, how long to wait for a stalled worker or rank, how many env slots step the episodes (an episode's
+# reset seed and policy noise come from its own seed, not from its slot: rl/rollout.py), and whether the
+# synthetic envs step in-process or in workers (the same numpy code). Not the engine (deepspeed_config,
+# zero_stage): another ZeRO stage cannot load the saved optimizer partitions.
 RESUMABLE_CHANGES = (
     "train.iterations",
+    "train.collective_timeout_s",
     "ckpt.",
     "log.",
     "run_name",
     "output_dir",
+    "rollout.num_envs",
+    "rollout.in_process",
+    "rollout.step_timeout_s",
     "rollout.videos_per_iteration",
 )
+
+# Filled in by launch/train.py: a checkpoint of a run started otherwise (or before it was recorded)
+# holds None, which says nothing about the stage it ran with.
+RECORDED_AT_LAUNCH = ("engine.zero_stage",)
 
 
 @dataclass
@@ -54,7 +68,6 @@ class TrainState:
     iteration: int
     episode_cursor: int
     sampler: dict[str, Any]
-    update_rng: dict[str, Any]
     config: dict[str, Any]
     wandb_run_id: str | None = None
 
@@ -65,6 +78,8 @@ class TrainState:
     def from_client_state(cls, client: dict[str, Any]) -> TrainState:
         state = dict(client["ript_state"])
         state.pop("config_hash", None)
+        # Checkpoints before the update's seed was derived from (seed, iteration) held one rank's RNG.
+        state.pop("update_rng", None)
         return cls(**state)
 
 
@@ -87,7 +102,11 @@ def check_config(saved: dict[str, Any], current: dict[str, Any], allow: bool) ->
     """Resuming with a changed config is an error listing the keys, unless explicitly allowed."""
     a, b = flatten(saved), flatten(current)
     changed = sorted(
-        k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)
+        k
+        for k in set(a) | set(b)
+        if a.get(k) != b.get(k)
+        and not k.startswith(RESUMABLE_CHANGES)
+        and not (k in RECORDED_AT_LAUNCH and a.get(k) is None)
     )
     if not changed:
         return
@@ -101,16 +120,31 @@ def check_config(saved: dict[str, Any], current: dict[str, Any], allow: bool) ->
     )
 
 
+def _b64(obj: Any) -> str:
+    return base64.b64encode(pickle.dumps(obj)).decode()
+
+
 def rng_state() -> dict[str, Any]:
-    blob = pickle.dumps((random.getstate(), np.random.get_state(), torch.get_rng_state()))
-    return {"pickle_b64": base64.b64encode(blob).decode()}
+    """This process's python, numpy and torch CPU RNG, plus every CUDA device's when there is CUDA
+    (dropout and any sampling on the GPU draw from those)."""
+    state = {"pickle_b64": _b64((random.getstate(), np.random.get_state(), torch.get_rng_state()))}
+    if torch.cuda.is_available():
+        state["cuda_pickle_b64"] = _b64(torch.cuda.get_rng_state_all())
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore rng_state(); a state saved without CUDA (a CPU run, an older checkpoint) leaves the CUDA
+    generators as they are."""
     py, np_state, torch_state = pickle.loads(base64.b64decode(state["pickle_b64"]))
     random.setstate(py)
     np.random.set_state(np_state)
     torch.set_rng_state(torch_state)
+    if "cuda_pickle_b64" in state and torch.cuda.is_available():
+        cuda = pickle.loads(base64.b64decode(state["cuda_pickle_b64"]))
+        if len(cuda) != torch.cuda.device_count():
+            log.warning("RNG state of %d CUDA devices restored on %d", len(cuda), torch.cuda.device_count())
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
 
 
 def tag_for(iteration: int) -> str:
@@ -154,7 +188,8 @@ class CheckpointManager:
 
     def _retain(self) -> None:
         complete = self.complete_tags()
-        best = max(complete, key=lambda t: _score(self.root / t), default=None)
+        scored = [t for t in complete if _score(self.root / t) is not None]
+        best = max(scored, key=lambda t: _score(self.root / t), default=None)
         for tag in complete[: -self.keep_last]:
             if tag != best:
                 shutil.rmtree(self.root / tag, ignore_errors=True)
@@ -227,9 +262,9 @@ class CheckpointManager:
         return TrainState.from_client_state(client)
 
 
-def _score(directory: Path) -> float:
-    metrics = json.loads((directory / COMPLETE).read_text()).get("metrics", {})
-    return metrics.get("eval/success_rate", metrics.get("rollout/success_rate", float("-inf")))
+def _score(directory: Path) -> float | None:
+    """Held-out success of a checkpoint, None when it was saved without an evaluation."""
+    return json.loads((directory / COMPLETE).read_text()).get("metrics", {}).get("eval/success_rate")
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -1,8 +1,14 @@
 """Preemption: SIGTERM / SIGUSR1 (SLURM's --signal) ask the trainer to save and exit.
 
-The handler only sets a flag; the trainer polls it at safe points (between sampling rounds and after
-each iteration), agrees on it across ranks with an all-reduce, saves, and exits with
-PREEMPTED_EXIT_CODE, on which the sbatch scripts requeue the job.
+The handler only sets a flag; the trainer polls it at safe points (after every round of env steps
+while sampling, and after each iteration), agrees on it across ranks with an all-reduce, saves, and
+exits with PREEMPTED_EXIT_CODE, on which the sbatch scripts requeue the job.
+
+How the signal reaches every rank: srun signals every process of its step. A launcher (deepspeed,
+torchrun) would die of SIGUSR1 and orphan its ranks, so launch/slurm/single_node.sbatch starts it with
+SIGUSR1 ignored, which fork and exec pass down to the ranks; installing the handler here replaces the
+inherited SIG_IGN (until then, early in setup, a rank ignores the signal and the script repeats it).
+Env workers ignore both signals for good (env/pool.py): their rank stops them.
 """
 
 from __future__ import annotations

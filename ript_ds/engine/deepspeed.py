@@ -28,8 +28,6 @@ import dataclasses
 import io
 import json
 import logging
-import math
-import re
 import resource
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -42,13 +40,24 @@ import torch
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import Tensor, nn
 
-from ript_ds.config import ConfigError, EngineCfg, ExperimentCfg, LoraCfg, TrainCfg
+from ript_ds.config import ConfigError, EngineCfg, ExperimentCfg, TrainCfg
 from ript_ds.engine import dist
-from ript_ds.engine.ds_json import check_ds_json, load_ds_json, offloads_optimizer
+from ript_ds.engine.ds_json import (
+    check_ds_json,
+    check_zero_section,
+    load_ds_json,
+    offloads_optimizer,
+    zero_stage,
+)
+from ript_ds.engine.lora import wrap_lora
+from ript_ds.engine.schedule import LRSchedule
 from ript_ds.model.arch import PI0Arch
 from ript_ds.model.pi0 import PI0Batch, PI0Policy, unused_parameter_names
+from ript_ds.model.weights import OURS_ONLY, CheckpointError, check_state
 
 logger = logging.getLogger(__name__)
+
+_ALLREDUCE_BUCKET = 500_000_000  # elements per bucket of the stage-0 gradient all-reduce (DeepSpeed's)
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -85,32 +94,22 @@ def build_ds_config(
     cfg["gradient_accumulation_steps"] = train.grad_accum_steps
     cfg["train_batch_size"] = batch
     cfg["gradient_clipping"] = train.grad_clip
+    # The update (rl/update.py) owns the accumulation boundary: it steps once per planned optimizer step,
+    # after however many micro-batches that step has, so no half-accumulated gradient outlives an update.
+    cfg["managed_gradient_accumulation"] = False
     cfg.pop("bf16", None)
     autocast = cfg.setdefault("torch_autocast", {"dtype": "bfloat16"})
     autocast["enabled"] = bf16
     autocast.setdefault("dtype", "bfloat16")
+    # DeepSpeed would otherwise all-reduce the gradients of every nn.Linear in bf16; keep reductions fp32
+    # (as DDP under autocast does): the parameters and the optimizer are fp32.
+    autocast.setdefault("lower_precision_safe_modules", [])
     zero = cfg.setdefault("zero_optimization", {})
     if offloads_optimizer(cfg):
         # Lets the fallback (torch AdamW on CPU partitions) run when DeepSpeedCPUAdam cannot be built.
         cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     zero.setdefault("stage", 0)
     return cfg
-
-
-def lr_lambda(warmup_steps: int, schedule: str, total_steps: int | None, min_lr_ratio: float) -> Callable:
-    """Multiplier of train.lr at optimizer step s: linear warm-up, then constant or cosine to min_lr_ratio."""
-    if schedule == "cosine" and not total_steps:
-        raise ConfigError("engine.lr_schedule=cosine needs the number of optimizer steps (total_steps)")
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 @contextlib.contextmanager
@@ -131,20 +130,6 @@ def _hf_init(stage: int) -> Iterator[None]:
         PreTrainedModel.init_weights = original
 
 
-def lora_target_names(policy: PI0Policy, lora: LoraCfg) -> list[str]:
-    """Full module names that get adapters: the chosen projections of the chosen Gemma stacks, minus the
-    ones PI0 never runs (their adapters would get no gradient, which ZeRO rejects)."""
-    stacks = {"vlm": [r"model\.vlm\.language_model"], "expert": [r"model\.dit"]}
-    roots = stacks.get(lora.target, stacks["vlm"] + stacks["expert"])
-    projections = "|".join(re.escape(m) for m in lora.modules)
-    pattern = re.compile(rf"({'|'.join(roots)})\.layers\.\d+\.(self_attn|mlp)\.({projections})")
-    unused = {n.removesuffix(".weight") for n in unused_parameter_names(policy.arch)}
-    names = [n for n, _ in policy.named_modules() if pattern.fullmatch(n) and n not in unused]
-    if not names:
-        raise ConfigError(f"engine.lora: no module matches target={lora.target} modules={lora.modules}")
-    return names
-
-
 class DeepSpeedEngine:
     """PI0 inside DeepSpeed. Every method with a collective (all but `module`, `train`, `eval`, properties)
     must be called on every rank, in the same order."""
@@ -158,12 +143,10 @@ class DeepSpeedEngine:
         bf16: bool = False,
         gradient_checkpointing: bool = False,
         weights: Mapping[str, Tensor] | None = None,
-        total_steps: int | None = None,
         ds_overrides: Mapping[str, Any] | None = None,
     ):
         """policy_factory builds the PI0Policy (called inside zero.Init under ZeRO-3); weights: a canonical
-        state dict (missing keys keep their init; cond_embed is re-zeroed when absent); total_steps: the
-        number of optimizer steps, needed by the cosine schedule."""
+        state dict, checked as strictly as model/weights.load_checkpoint (cond_embed is re-zeroed when absent)."""
         dist.init_distributed(train.collective_timeout_s)
         if not dist.is_main():  # DeepSpeed logs through its own logger on every rank
             logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
@@ -186,20 +169,19 @@ class DeepSpeedEngine:
         policy.set_gradient_checkpointing(gradient_checkpointing)
         for name in unused_parameter_names(policy.arch):
             policy.get_parameter(name).requires_grad_(False)
-        model: nn.Module = self._wrap_lora(policy) if engine.lora.enabled else policy
+        model: nn.Module = wrap_lora(policy, engine.lora) if engine.lora.enabled else policy
 
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = self._make_optimizer(trainable, train, engine)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(train.warmup_steps, engine.lr_schedule, total_steps, engine.min_lr_ratio)
-        )
+        self.schedule = LRSchedule(optimizer, train.warmup_steps, engine.lr_schedule, engine.min_lr_ratio)
         self._engine, *_ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+            model=model, optimizer=optimizer, lr_scheduler=self.schedule, config=self.ds_config
         )
         self._trainable = trainable
-        if self.stage == 0 and dist.world_size() == 1:
-            # Without ZeRO, DeepSpeed all-reduces every gradient through a flat buffer (flatten, reduce
-            # with itself, copy back): three passes over the gradients that change nothing on one rank.
+        self.world_size = dist.world_size()
+        if self.stage == 0:
+            # Without ZeRO, step() reduces the gradients itself (before it measures their norm, which
+            # DeepSpeed does not report at stage 0); on one rank it skips the reduction altogether.
             self._engine.enable_backward_allreduce = False
         n_train = sum(_numel(p) for p in trainable)
         n_all = sum(_numel(p) for p in model.parameters())
@@ -213,43 +195,34 @@ class DeepSpeedEngine:
 
     # ------------------------------------------------------------------ construction helpers
     def _load_weights(self, policy: PI0Policy, weights: Mapping[str, Tensor]) -> None:
-        """Copy a state dict into (possibly partitioned) parameters, one gathered parameter at a time."""
-        own = dict(policy.named_parameters())
-        unknown = sorted(set(weights) - set(own) - {n for n, _ in policy.named_buffers()})
-        if unknown:
-            raise ValueError(f"weights hold keys the policy does not have: {unknown[:10]}")
-        missing = [n for n in own if n not in weights and n != "cond_embed.weight"]
-        if missing and self.stage == 3:
-            logger.warning("ZeRO-3: %d parameters not in `weights` keep torch's default init", len(missing))
+        """Copy a canonical state dict into (possibly partitioned) parameters, one gathered parameter at a
+        time, after the strict key and shape check that every loader shares (model/weights.check_state;
+        a partitioned parameter reports its whole shape as ds_shape). Empty `weights`: a fresh policy.
+
+        The condition embedding is zeroed only under ZeRO-3 and only when `weights` lacks it: zero.Init
+        swallowed PI0's zero-init there. Below ZeRO-3 the factory's policy already holds the right values
+        (zeros, or the trained embedding of the checkpoint it loaded), which must survive."""
+        if weights:
+            expected = policy.state_dict(keep_vars=True)  # parameters and persistent buffers
+            check_state(
+                {k: tuple(getattr(v, "ds_shape", v.shape)) for k, v in expected.items()},
+                {k: tuple(v.shape) for k, v in weights.items()},
+                "weights",
+            )
         with torch.no_grad():
-            for name, param in own.items():
+            for name, param in policy.named_parameters():
                 value = weights.get(name)
-                if value is None and name != "cond_embed.weight":
+                rezero = value is None and name in OURS_ONLY and self.stage == 3
+                if value is None and not rezero:
                     continue
                 with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=self.stage == 3):
-                    if value is None:  # zero.Init swallowed PI0's zero-init of the condition embedding
+                    if rezero:
                         param.zero_()
                     else:
                         param.copy_(value.to(param.dtype))
             for name, buf in policy.named_buffers():
                 if name in weights:
                     buf.copy_(weights[name].to(buf.dtype))
-
-    def _wrap_lora(self, policy: PI0Policy) -> nn.Module:
-        from peft import LoraConfig, get_peft_model  # peft only matters with LoRA on
-
-        targets = lora_target_names(policy, self.lora)
-        config = LoraConfig(
-            r=self.lora.rank,
-            lora_alpha=self.lora.alpha,
-            lora_dropout=self.lora.dropout,
-            target_modules=targets,
-            bias="none",
-        )
-        model = get_peft_model(policy, config)  # freezes every base parameter
-        policy.cond_embed.weight.requires_grad_(self.lora.train_cond_embed)
-        logger.info("LoRA: %d modules (%s), rank %d", len(targets), self.lora.target, self.lora.rank)
-        return model
 
     def _make_optimizer(self, params: list[nn.Parameter], train: TrainCfg, engine: EngineCfg):
         kwargs = {"lr": train.lr, "betas": tuple(engine.adam_betas), "eps": engine.adam_eps}
@@ -290,29 +263,34 @@ class DeepSpeedEngine:
         self._engine.eval()
 
     def forward(self, batch: PI0Batch, noise: Tensor, time: Tensor, cond: Tensor | None = None) -> Tensor:
-        """Per-element flow-matching loss [B, H, A] (PI0Policy.forward) through DeepSpeed's hooks."""
-        return self._engine(batch, noise, time, cond)
+        """Per-element flow-matching loss [B, H, A] (PI0Policy.forward) through DeepSpeed's hooks. Every
+        input goes to this rank's device here, the one place batches cross into the engine."""
+        dev = self.device
+        cond = None if cond is None else cond.to(dev, non_blocking=True)
+        return self._engine(batch.to(dev), noise.to(dev, non_blocking=True), time.to(dev), cond)
 
     __call__ = forward
 
     def backward(self, loss: Tensor) -> None:
-        """Scales by 1/grad_accum_steps and accumulates; reduction happens at the boundary."""
-        self._engine.backward(loss)
+        """Accumulate gradients of `loss` as given: the update normalizes each micro-batch's share of its
+        optimizer step itself (rl/update.py), so DeepSpeed's 1/grad_accum_steps scaling is off."""
+        self._engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self) -> float | None:
-        """Optimizer step at an accumulation boundary (clip, step, LR schedule); returns the grad norm
-        before clipping there, None on the other micro-steps."""
-        boundary = self._engine.is_gradient_accumulation_boundary()
+    def step(self) -> float:
+        """Optimizer step now (reduce, clip, step, LR schedule) over everything accumulated since the last
+        one; returns the global gradient norm before clipping. Call on every rank."""
         norm = None
-        if boundary and self.stage == 0:
-            # Without ZeRO, DeepSpeed clips but keeps no norm (get_global_grad_norm() stays None); the
-            # gradients are already reduced over ranks at the boundary's backward.
+        if self.stage == 0:
+            if self.world_size > 1:  # DeepSpeed's own bucketed all-reduce (averages over ranks)
+                self._engine.buffered_allreduce_fallback(elements_per_buffer=_ALLREDUCE_BUCKET)
             norm = torch.nn.utils.get_total_norm([p.grad for p in self._trainable if p.grad is not None])
         self._engine.step()
-        if not boundary:
-            return None
         norm = self._engine.get_global_grad_norm() if norm is None else norm
-        return None if norm is None else float(norm)
+        return 0.0 if norm is None else float(norm)
+
+    def set_progress(self, progress: float) -> None:
+        """Training progress in [0, 1] for the cosine schedule (engine/schedule.py)."""
+        self.schedule.set_progress(progress)
 
     @property
     def lr(self) -> float:
@@ -330,15 +308,16 @@ class DeepSpeedEngine:
         of one per forward. A no-op otherwise. Call on every rank; yields the policy in eval mode."""
         was_training = self._engine.module.training
         self._engine.eval()
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)  # as in training
+        # Precision is the policy function's (rl/rollout.py make_pi0_policy_fn, model.pi0.precision), so
+        # trainer rollouts and launch/eval.py sample with the same numerics.
         try:
             if self.stage != 3:
-                with torch.no_grad(), autocast:
+                with torch.no_grad():
                     yield self._policy
                 return
             offload = self._engine.optimizer.parameter_offload
             params = list(self._engine.module.parameters())
-            with deepspeed.zero.GatheredParameters(params), torch.no_grad(), autocast:
+            with deepspeed.zero.GatheredParameters(params), torch.no_grad():
                 for param in self._engine.module.parameters():
                     param.ds_active_sub_modules.clear()
                 for hook in offload.forward_hooks + offload.backward_hooks:
@@ -437,21 +416,26 @@ def build_engine(
     policy_factory: Callable[[], PI0Policy],
     cfg: ExperimentCfg,
     ds_config: str | None = None,
-    total_steps: int | None = None,
 ) -> DeepSpeedEngine:
     """The engine for an experiment config; `ds_config` (the --deepspeed flag) overrides
     engine.deepspeed_config. Call on every rank.
 
     Under ZeRO-3 with model.checkpoint set, the factory is replaced: a checkpoint loader writes into whole
-    tensors, which zero.Init has already partitioned away, so the arch is read from the checkpoint, the
-    policy built empty and partitioned, and the canonical tensors copied in one parameter at a time.
+    tensors, which zero.Init has already partitioned away, so the arch is read from the checkpoint (with
+    the run's overrides, as build_policy applies them), the policy built empty and partitioned, and the
+    canonical tensors copied in one parameter at a time, after the same strict checks as load_checkpoint.
     """
+    from ript_ds.build import arch_overrides
+
     engine_cfg = dataclasses.replace(cfg.engine, deepspeed_config=ds_config) if ds_config else cfg.engine
-    _, ds_json = load_ds_json(engine_cfg.deepspeed_config)
-    stage = ds_json.get("zero_optimization", {}).get("stage", 0)
+    path, ds_json = load_ds_json(engine_cfg.deepspeed_config)
+    check_zero_section(path, ds_json)
     weights = None
-    if stage == 3 and cfg.model.checkpoint is not None:
-        arch, weights = _checkpoint_for_zero3(Path(cfg.model.checkpoint))
+    if zero_stage(ds_json) == 3 and cfg.model.checkpoint is not None:
+        try:
+            arch, weights = _checkpoint_for_zero3(Path(cfg.model.checkpoint), **arch_overrides(cfg))
+        except CheckpointError as err:
+            raise ConfigError(f"model.checkpoint: {err}") from None
         policy_factory = partial(PI0Policy, arch)
     return DeepSpeedEngine(
         policy_factory,
@@ -460,20 +444,18 @@ def build_engine(
         bf16=cfg.model.dtype == "bfloat16",
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         weights=weights,
-        total_steps=total_steps,
     )
 
 
-def _checkpoint_for_zero3(directory: Path) -> tuple[PI0Arch, dict[str, Tensor]]:
-    """(arch, canonical tensors) of a checkpoint directory, as model/weights.load_checkpoint finds them.
-    Every rank reads the file (CPU memory: one copy of the weights per rank while loading)."""
+def _checkpoint_for_zero3(directory: Path, **overrides) -> tuple[PI0Arch, dict[str, Tensor]]:
+    """(arch, canonical tensors) of a checkpoint directory, as model/weights.load_checkpoint finds them:
+    inspect_checkpoint checks files, keys and shapes (naming keys as the checkpoint spells them) before
+    any tensor is read. Every rank reads the file (CPU memory: one copy of the weights per rank)."""
     from ript_ds.model import weights as w
 
+    arch = w.inspect_checkpoint(directory, **overrides)
     state, _ = w.to_canonical(w.read_safetensors(directory / w.CANONICAL_WEIGHTS))
-    arch_file = directory / w.CANONICAL_ARCH
-    if arch_file.exists():
-        return PI0Arch.from_dict(json.loads(arch_file.read_text())), state
-    return w.infer_arch(state, **w._reference_overrides(directory)), state
+    return arch, state
 
 
 def _numel(param: Tensor) -> int:

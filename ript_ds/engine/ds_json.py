@@ -9,14 +9,17 @@ signature takes what build_ds_config has (train config, bf16 flag), so it can ca
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ript_ds.config import ConfigError, TrainCfg
+from ript_ds.config import ConfigError, ExperimentCfg, TrainCfg
 
 CHECKOUT = Path(__file__).resolve().parents[2]
+ZERO_STAGES = (0, 1, 2, 3)
+OFFLOAD_DEVICES = ("none", "cpu", "nvme", None)  # None: DeepSpeed's JSON null, the same as "none"
 
 
 def resolve_ds_path(path: str | Path) -> Path:
@@ -41,6 +44,54 @@ def load_ds_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
     return path, data
 
 
+def zero_stage(ds: Mapping[str, Any]) -> int:
+    """The ZeRO stage of a checked JSON (0 when it names none)."""
+    return int((ds.get("zero_optimization") or {}).get("stage", 0))
+
+
+def with_deepspeed_json(cfg: ExperimentCfg, flag: str | None) -> ExperimentCfg:
+    """cfg with the --deepspeed file (when given) as engine.deepspeed_config and that JSON's ZeRO stage in
+    engine.zero_stage, so config.yaml and the resume check see which engine ran. A zero_stage already set
+    (a config file, an override) must agree with the JSON."""
+    path = flag or cfg.engine.deepspeed_config
+    resolved, ds = load_ds_json(path)
+    check_zero_section(resolved, ds)
+    stage = zero_stage(ds)
+    if cfg.engine.zero_stage not in (None, stage):
+        raise ConfigError(
+            f"engine.zero_stage={cfg.engine.zero_stage} disagrees with {resolved} (stage {stage}); leave "
+            "engine.zero_stage unset, it is recorded from the DeepSpeed JSON"
+        )
+    return dataclasses.replace(
+        cfg, engine=dataclasses.replace(cfg.engine, deepspeed_config=str(path), zero_stage=stage)
+    )
+
+
+def check_zero_section(path: Path, ds: Mapping[str, Any]) -> None:
+    """zero_optimization values that DeepSpeed would reject only after distributed init, with a traceback."""
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, Mapping):
+        raise ConfigError(f"{path}: zero_optimization must be a JSON object, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if type(stage) is not int or stage not in ZERO_STAGES:  # bool and float are refused too
+        raise ConfigError(f"{path}: zero_optimization.stage={stage!r} must be one of 0, 1, 2, 3 (an integer)")
+    if stage == 1 and zero.get("overlap_comm"):
+        # The update owns the accumulation boundary (managed_gradient_accumulation=false), which DeepSpeed
+        # supports with overlap_comm only where gradients are partitioned (stage >= 2).
+        raise ConfigError(f"{path}: zero_optimization.overlap_comm=true needs stage 2 or 3; remove it")
+    for key in ("offload_optimizer", "offload_param"):
+        offload = zero.get(key)
+        if offload is None:
+            continue
+        if not isinstance(offload, Mapping):
+            raise ConfigError(f"{path}: zero_optimization.{key} must be a JSON object, got {offload!r}")
+        device = offload.get("device", "none")
+        if device not in OFFLOAD_DEVICES:
+            raise ConfigError(
+                f"{path}: zero_optimization.{key}.device={device!r} must be one of none, cpu, nvme"
+            )
+
+
 def offloads_optimizer(ds: Mapping[str, Any]) -> bool:
     offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
     return offload.get("device", "none") not in ("none", None)
@@ -53,6 +104,7 @@ def check_ds_json(
 
     bf16: model.dtype == "bfloat16". train_batch_size is left to build_ds_config (it needs the world size).
     """
+    check_zero_section(path, ds)
     fp16 = ds.get("fp16")
     if isinstance(fp16, Mapping) and fp16.get("enabled") is True and not cuda_available:
         raise ConfigError(

@@ -11,7 +11,7 @@ Psi_t = trainable, N = ranks, bytes per rank):
 | master copy | 4 Psi_t / N | 4 Psi_t / N (DeepSpeed's path that would share it with the fp32 partition compares a torch.device to a string and never fires: measured) |
 | Adam moments | 8 Psi_t / N | 8 Psi_t / N |
 | gradients | 4 x (Psi_t / N + whole parameters cut by the rank's slice boundaries), from backward to the step | 4 Psi_t / N flat buffer, always |
-| reduce buckets | one per communication dtype (bf16 for Linear/Conv weights under autocast, fp32 for the rest), each (2 if overlap_comm) x reduce_bucket_size fp32 elements; backward only | reduce_bucket_size x (2 + 4) bytes (bf16 + fp32 buffers), always |
+| reduce buckets | one (every reduction is fp32: build_ds_config), (2 if overlap_comm) x reduce_bucket_size fp32 elements; backward only | reduce_bucket_size x 4 bytes, always |
 | gathered parameters | - | up to min(Psi, stage3_max_live_parameters + stage3_prefetch_bucket_size) x 4 in forward/backward (N > 1; one rank aliases its partition) |
 
 Offload (ZeRO-3 + offload_optimizer/offload_param to cpu) moves master, moments and gradients (twice: the
@@ -140,8 +140,9 @@ def model_state(
     total = sum(p.numel for p in params)
     trainable = sum(p.numel for p in params if p.trainable)
     part = _ceil_div(trainable, world)  # partitions are padded to equal sizes
-    # One bucket per communication dtype: bf16 for Linear/Conv weights under autocast, fp32 for the rest.
-    dtypes = {BF16 if p.low_precision else FP32 for p in params if p.trainable}
+    # One bucket per communication dtype; build_ds_config keeps every gradient reduction in fp32
+    # (torch_autocast.lower_precision_safe_modules = []), so there is one.
+    dtypes = {FP32}
     bucket = zero.reduce_bucket_size if zero.contiguous_gradients else 0
     master_moments = (FP32 + 2 * FP32) * part
     if zero.stage == 2:  # its buffers are fp32 whatever the dtype, doubled with overlap_comm

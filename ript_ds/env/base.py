@@ -14,14 +14,32 @@ from typing import Protocol
 import numpy as np
 
 ACTION_DIM = 7  # LIBERO's: delta eef position (3) + delta eef rotation (3) + gripper (-1 open, +1 close)
+ACTION_LOW, ACTION_HIGH = -1.0, 1.0  # the action space per dim (robosuite's OSC and gripper input range)
+SIMULATOR_SEEDS = 2**32  # numpy's legacy seeding (LIBERO's env.seed) takes 0 <= seed < 2**32
 
 
-def check_action(action: np.ndarray) -> np.ndarray:
-    """One env action as float64 [ACTION_DIM]; any other shape is a caller bug, reported as such."""
+def simulator_seed(seed: int) -> int:
+    """Any int folded into [0, 2**32), the range simulators accept; an env applies this, so callers
+    keep their own seeds (trainer seeds pass 2**32 from train.seed=430) and replay with them.
+
+    Seeds already in range are unchanged (openpi's evaluation seed 7 stays 7). Folding is modulo
+    2**32 rather than a hash: seeds less than 2**32 apart, as all of one run's are, never collide.
+    """
+    return int(seed) % SIMULATOR_SEEDS
+
+
+def executed_action(action: np.ndarray) -> np.ndarray:
+    """One env action as float64 [ACTION_DIM], clipped to the action space [ACTION_LOW, ACTION_HIGH].
+
+    Any other shape is a caller bug, reported as such. robosuite clips LIBERO's arm command to
+    [-1, 1] and uses only the gripper command's sign, so the clipped action is exactly what the
+    simulator runs. Envs execute and report this one, so an episode records (and training learns)
+    what was executed, not the policy's out-of-range request.
+    """
     action = np.asarray(action, dtype=np.float64)
     if action.shape != (ACTION_DIM,):
         raise ValueError(f"action must have shape ({ACTION_DIM},), got {action.shape}")
-    return action
+    return np.clip(action, ACTION_LOW, ACTION_HIGH)
 
 
 @dataclass(frozen=True)
@@ -49,6 +67,7 @@ class StepResult:
     obs: Observation
     success: bool  # the task's success predicate holds after this step
     done: bool  # success, or the step cap was reached
+    action: np.ndarray  # [ACTION_DIM] float64, the action executed: the input clipped (executed_action)
 
 
 class Env(Protocol):
@@ -58,11 +77,12 @@ class Env(Protocol):
     action_dim: int
 
     def reset(self, init_state_idx: int, seed: int) -> Observation:
-        """Seed, reset to the task's fixed initial state `init_state_idx`, settle, and observe."""
+        """Seed (any int, folded by simulator_seed), reset to the task's fixed initial state
+        `init_state_idx`, settle, and observe."""
         ...
 
     def step(self, action: np.ndarray) -> StepResult:
-        """Apply one action of shape [action_dim]."""
+        """Apply one action of shape [action_dim], clipped to the action space (executed_action)."""
         ...
 
     def close(self) -> None: ...

@@ -14,7 +14,7 @@ import copy
 import numpy as np
 
 from ript_ds.env.base import Env, TaskSpec
-from ript_ds.env.pool import EnvFactory, SlotReply
+from ript_ds.env.pool import EnvFactory, SlotReply, run_actions
 
 
 class InlinePool:
@@ -43,13 +43,7 @@ class InlinePool:
         self._replies[slot] = SlotReply(env.reset(init_state_idx, seed), 0, False, False)
 
     def send_step(self, slot: int, actions: np.ndarray) -> None:
-        env, executed, result = self._current[slot], 0, None
-        for action in np.asarray(actions, dtype=np.float32):
-            result = env.step(action)
-            executed += 1
-            if result.done:
-                break
-        self._replies[slot] = SlotReply(result.obs, executed, result.success, result.done)
+        self._replies[slot] = run_actions(self._current[slot], np.asarray(actions, dtype=np.float32))
 
     def gather(self) -> dict[int, SlotReply]:
         replies, self._replies = self._replies, {}

@@ -15,7 +15,8 @@ Headless rendering needs one of these OpenGL stacks (Debian/Ubuntu package names
     OSMesa (fallback):   apt-get install -y libosmesa6
 
 On a machine without a GPU, Mesa's EGL gives llvmpipe (software) rendering; it is as fast as
-OSMesa and is picked first. `configure_rendering()` must run before mujoco or robosuite is imported
+OSMesa and is picked first. With GPUs, each rank's env workers render on that rank's GPU
+(`render_device_for_rank`, exported as MUJOCO_EGL_DEVICE_ID in the worker before mujoco loads). `configure_rendering()` must run before mujoco or robosuite is imported
 because both read MUJOCO_GL at import time; `LiberoEnv` calls it itself and imports LIBERO's env
 code lazily, so importing this module stays cheap and side-effect free.
 
@@ -34,12 +35,13 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from ript_ds.env.base import ACTION_DIM, Observation, StepResult, TaskSpec, check_action
+from ript_ds.env.base import ACTION_DIM, Observation, StepResult, TaskSpec, executed_action, simulator_seed
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +107,57 @@ def configure_rendering() -> str:
     if backend in _GL_BACKENDS:
         os.environ.setdefault("PYOPENGL_PLATFORM", backend)
     return backend
+
+
+def render_device_for_rank(
+    configured: int | None, cuda_devices: int, environ: Mapping[str, str] = os.environ
+) -> int | None:
+    """The EGL device (physical GPU index) this rank's env workers render on; None = no GPU.
+
+    `configured` is rollout.render_device; None means this rank's GPU as torch uses it, cuda:LOCAL_RANK
+    (SLURM_LOCALID under srun), mapped through CUDA_VISIBLE_DEVICES to its physical index: EGL lists
+    every GPU whatever CUDA_VISIBLE_DEVICES says, and robosuite 1.4 asserts that MUJOCO_EGL_DEVICE_ID
+    is one of CUDA_VISIBLE_DEVICES. `cuda_devices` is torch.cuda.device_count() in this process.
+    Without a GPU, None leaves MuJoCo's default (llvmpipe on a CPU machine).
+    """
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    entries = None if visible is None else [v.strip() for v in visible.split(",") if v.strip()]
+    if configured is not None:
+        if configured < 0:
+            raise ValueError(f"{configured} must be >= 0 (a GPU index) or None (this rank's GPU)")
+        if entries and all(e.isdigit() for e in entries) and str(configured) not in entries:
+            raise ValueError(
+                f"{configured} is not one of CUDA_VISIBLE_DEVICES={visible}: robosuite renders "
+                "only on a visible GPU"
+            )
+        return configured
+    if cuda_devices == 0:
+        return None
+    local = int(environ.get("LOCAL_RANK", environ.get("SLURM_LOCALID", "0")))
+    if local >= cuda_devices or (entries is not None and local >= len(entries)):
+        raise ValueError(f"LOCAL_RANK {local} has no GPU: torch sees {cuda_devices}")
+    if entries is None:
+        return local
+    if not entries[local].isdigit():
+        raise ValueError(
+            f"CUDA_VISIBLE_DEVICES entry {entries[local]!r} of LOCAL_RANK {local} is not a GPU index "
+            "(a UUID or MIG name); set rollout.render_device to the GPU's index"
+        )
+    return int(entries[local])
+
+
+def set_render_device(device: int) -> None:
+    """Export MUJOCO_EGL_DEVICE_ID for this process. mujoco and robosuite read it when they are
+    imported and create one EGL display per process, so it cannot change after that."""
+    current = os.environ.get("MUJOCO_EGL_DEVICE_ID")
+    if current == str(device):
+        return
+    if "mujoco" in sys.modules:
+        raise RuntimeError(
+            f"cannot render on GPU {device}: mujoco is already imported in this process "
+            f"(MUJOCO_EGL_DEVICE_ID={current}); set it before (env workers do)"
+        )
+    os.environ["MUJOCO_EGL_DEVICE_ID"] = str(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +301,7 @@ class LiberoEnv:
         camera_size: int = 256,  # render resolution; openpi renders LIBERO at 256
         model_image_size: int = 224,  # resolution handed to the model after resize_with_pad
         settle_steps: int = 10,  # no-op steps after set_init_state, as openpi's num_steps_wait
+        render_gpu_device_id: int | None = None,  # EGL device (render_device_for_rank); None = default
     ) -> None:
         if task.suite not in MAX_STEPS:
             raise ValueError(f"LiberoEnv needs a LIBERO task; got suite {task.suite!r}")
@@ -258,7 +312,9 @@ class LiberoEnv:
         self._steps = 0
         self._done = True  # no episode yet: step() before reset() is an error
         configure_rendering()
-        from libero.libero.envs import OffScreenRenderEnv  # imports mujoco: after configure_rendering
+        if render_gpu_device_id is not None:
+            set_render_device(render_gpu_device_id)
+        from libero.libero.envs import OffScreenRenderEnv  # imports mujoco: after the two above
 
         self._env = OffScreenRenderEnv(
             bddl_file_name=bddl_file(task.suite, task.task_id),
@@ -270,6 +326,7 @@ class LiberoEnv:
             # LIBERO's default, kept on purpose: a soft reset (sim.reset) leaves solver/controller
             # state behind, so the same seed + init state then replays differently (measured).
             hard_reset=True,
+            render_gpu_device_id=-1 if render_gpu_device_id is None else render_gpu_device_id,
         )
 
     @property
@@ -284,7 +341,8 @@ class LiberoEnv:
                 f"init_state_idx {init_state_idx} is out of range for {self.task.suite} task "
                 f"{self.task.task_id}; valid: 0..{len(self._init_states) - 1}"
             )
-        self._env.seed(seed)  # numpy global RNG: must be right before this reset (see class doc)
+        # numpy's global RNG, which takes 32-bit seeds only; right before this reset (see class doc).
+        self._env.seed(simulator_seed(seed))
         self._env.reset()
         raw = self._env.set_init_state(self._init_states[init_state_idx])
         for _ in range(self.settle_steps):
@@ -294,15 +352,16 @@ class LiberoEnv:
         return adapt_observation(raw, self.model_image_size)
 
     def step(self, action: np.ndarray) -> StepResult:
-        """Apply one 7-dim action; done on success or when task.max_steps steps were taken."""
+        """Apply one 7-dim action, clipped to [-1, 1]; done on success or after task.max_steps steps."""
         if self._done:
             raise RuntimeError("step() called on a finished episode; call reset() first")
-        action = check_action(action)
+        action = executed_action(action)  # what robosuite would run anyway, now also what we report
         raw, _, libero_done, _ = self._env.step(action)
         self._steps += 1
         success = bool(libero_done)  # LIBERO's done is exactly its success predicate
         self._done = success or self._steps >= self.task.max_steps
-        return StepResult(obs=adapt_observation(raw, self.model_image_size), success=success, done=self._done)
+        obs = adapt_observation(raw, self.model_image_size)
+        return StepResult(obs=obs, success=success, done=self._done, action=action)
 
     def close(self) -> None:
         """Free the simulator and its GL context now, not at interpreter exit (EGL is gone then)."""

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
+import signal
 import time
 import traceback
 import weakref
@@ -33,6 +34,10 @@ from ript_ds.env.base import Env, Observation, TaskSpec
 logger = logging.getLogger(__name__)
 
 ENV_KINDS = ("synthetic", "libero")
+# Preemption signals belong to the driver (ckpt/signals.py), which then stops its workers. SLURM's
+# --signal reaches every process of a job step and launch/slurm/*.sbatch signal the ranks' trees, so
+# a worker left at the default disposition would die of them mid-episode: workers ignore them.
+DRIVER_SIGNALS = frozenset({signal.SIGTERM, signal.SIGUSR1})
 
 
 @dataclass(frozen=True)
@@ -42,10 +47,23 @@ class EnvFactory:
     kind: str  # one of ENV_KINDS
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the env constructor after the task
     max_cached_envs: int = 8  # per worker, least recently used closed first (LIBERO envs hold a renderer)
+    # libero: EGL device (physical GPU index, env.libero.render_device_for_rank) its workers render
+    # on; None = MuJoCo's default device
+    render_device: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ENV_KINDS:
             raise ValueError(f"unknown env kind {self.kind!r}; expected one of {ENV_KINDS}")
+        if self.render_device is not None and self.kind != "libero":
+            raise ValueError(
+                f"render_device is for libero envs; the {self.kind} env does not render on a GPU"
+            )
+
+    def configure_process(self) -> None:
+        """First thing in a worker: what must be in os.environ before any simulator is imported."""
+        if self.render_device is not None:
+            # mujoco and robosuite read it at import; every env of this worker renders there.
+            os.environ["MUJOCO_EGL_DEVICE_ID"] = str(self.render_device)
 
     def make(self, task: TaskSpec) -> Env:
         # Imported here, in the worker: LIBERO pulls in mujoco and robosuite, which the driver never needs.
@@ -55,7 +73,7 @@ class EnvFactory:
             return SyntheticEnv(task, **self.kwargs)
         from ript_ds.env.libero import LiberoEnv
 
-        return LiberoEnv(task, **self.kwargs)
+        return LiberoEnv(task, render_gpu_device_id=self.render_device, **self.kwargs)
 
 
 @dataclass
@@ -67,6 +85,9 @@ class SlotReply:
     success: bool
     done: bool
     failure: str | None = None  # why the episode could not go on (crash, timeout, env error)
+    # [executed, A] float32, what the env executed (the sent actions clipped to its action space);
+    # None when nothing was executed (a reset or a failure)
+    actions: np.ndarray | None = None
 
 
 @dataclass
@@ -88,7 +109,11 @@ def render_threads(num_workers: int) -> str:
 
 
 def _worker_main(conn: Connection, factory: EnvFactory, lp_threads: str) -> None:
+    for signum in DRIVER_SIGNALS:  # blocked since the fork (_Worker): pending ones are dropped here
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, DRIVER_SIGNALS)
     os.environ["LP_NUM_THREADS"] = lp_threads  # before any renderer is created in this process
+    factory.configure_process()
     envs: OrderedDict[TaskSpec, Env] = OrderedDict()
     current: Env | None = None
     while True:
@@ -106,7 +131,7 @@ def _worker_main(conn: Connection, factory: EnvFactory, lp_threads: str) -> None
                 current = _cached_env(envs, task, factory)
                 reply = SlotReply(current.reset(init_state_idx, seed), 0, False, False)
             elif cmd == "step":
-                reply = _run_actions(current, msg[1])
+                reply = run_actions(current, msg[1])
             else:
                 raise ValueError(f"unknown command {cmd!r}")
         except Exception as exc:
@@ -132,18 +157,20 @@ def _cached_env(envs: OrderedDict[TaskSpec, Env], task: TaskSpec, factory: EnvFa
     return envs[task]
 
 
-def _run_actions(env: Env | None, actions: np.ndarray) -> SlotReply:
+def run_actions(env: Env | None, actions: np.ndarray) -> SlotReply:
+    """Step `env` through actions [n, A] until the episode ends; the reply of a step command."""
     if env is None:
         raise RuntimeError("step before any reset")
-    executed, result = 0, None
+    executed, result = [], None
     for action in actions:
         result = env.step(action)
-        executed += 1
+        executed.append(result.action)
         if result.done:
             break
     if result is None:
         raise ValueError("step command with zero actions")
-    return SlotReply(result.obs, executed, result.success, result.done)
+    taken = np.asarray(executed, dtype=np.float32)  # [executed, A]
+    return SlotReply(result.obs, len(executed), result.success, result.done, actions=taken)
 
 
 class _Worker:
@@ -152,7 +179,13 @@ class _Worker:
         self.process = ctx.Process(
             target=_worker_main, args=(child, factory, lp_threads), daemon=True, name=f"env-{slot}"
         )
-        self.process.start()
+        # The child inherits the signal mask through fork and exec: blocked, the driver's signals stay
+        # pending, not fatal, until _worker_main ignores them; this thread gets its own after start().
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, DRIVER_SIGNALS)
+        try:
+            self.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()  # so the driver sees EOF when the worker dies
 
     def kill(self) -> int | None:

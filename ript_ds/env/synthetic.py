@@ -6,8 +6,8 @@ the instruction names one target and the episode succeeds when the agent is with
 Like LIBERO, every task has fixed initial states (generated from the task id) and an episode is
 exactly replayable from (init state, reset seed, actions).
 
-Action: 7 dims like LIBERO; dims 0-1 are a velocity in units of `max_step` (clipped to [-1, 1]), the
-other dims are ignored. State: float32 [8] = agent xy, then the red, green and blue targets' xy.
+Action: 7 dims like LIBERO, clipped to [-1, 1] like LIBERO's (the step reports the clipped one); dims
+0-1 are a velocity in units of `max_step`, the other dims are ignored. State: float32 [8] = agent xy, then the red, green and blue targets' xy.
 Images: [2, S, S, 3] uint8 = a top view of the whole square and a "wrist" view centred on the agent.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ript_ds.env.base import ACTION_DIM, Observation, StepResult, TaskSpec, check_action
+from ript_ds.env.base import ACTION_DIM, Observation, StepResult, TaskSpec, executed_action, simulator_seed
 
 SUITE = "synthetic"
 STATE_DIM = 8
@@ -137,22 +137,22 @@ class SyntheticEnv:
         state = self._init_states[init_state_idx].astype(np.float64)
         self._pos, self._targets = state[:2].copy(), state[2:].reshape(3, 2).copy()
         # The action noise is the only randomness; one generator per episode makes it replayable.
-        self._rng = np.random.default_rng(seed)
+        self._rng = np.random.default_rng(simulator_seed(seed))
         self._steps, self._done = 0, False
         return self._observe()
 
     def step(self, action: np.ndarray) -> StepResult:
         if self._done:
             raise RuntimeError("step() after the episode ended; call reset() first")
-        action = check_action(action)
-        delta = np.clip(action[:2], -1.0, 1.0) * self.max_step
+        action = executed_action(action)
+        delta = action[:2] * self.max_step
         if self.difficulty.action_noise > 0:
             delta = delta + self._rng.normal(0.0, self.difficulty.action_noise, size=2)
         self._pos = np.clip(self._pos + delta, 0.0, 1.0)
         self._steps += 1
         success = bool(np.linalg.norm(self._pos - self._targets[self._target]) < self.radius)
         self._done = success or self._steps >= self.task.max_steps
-        return StepResult(obs=self._observe(), success=success, done=self._done)
+        return StepResult(obs=self._observe(), success=success, done=self._done, action=action)
 
     def close(self) -> None:
         self._done = True

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ript_ds.model.arch import GemmaArch, PI0Arch
-from ript_ds.model.pi0 import PI0Policy, unused_parameter_names
+from ript_ds.model.pi0 import FP32_MODULE_MARKERS, PI0Policy, unused_parameter_names
 
 BF16, FP32, INT64 = 2, 4, 8
 _LORA_TARGET = re.compile(r"model\.(vlm\.language_model|dit)\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)")
@@ -51,7 +51,7 @@ class ParamInfo:
     name: str
     numel: int
     trainable: bool
-    low_precision: bool  # weight of an nn.Linear / Conv: autocast runs it in bf16, DeepSpeed reduces in bf16
+    low_precision: bool  # weight of an nn.Linear / Conv: autocast runs it in bf16, (its gradient all-reduce stays fp32: build_ds_config)
     used: bool  # read by the training forward (the last VLM layer's q/o/MLP and final norm are not)
 
 
@@ -59,15 +59,16 @@ def parameter_inventory(
     arch: PI0Arch, lora_targets: Iterable[str] = (), lora_rank: int = 0, train_cond_embed: bool = True
 ) -> list[ParamInfo]:
     """Every parameter of PI0Policy(arch) as the engine trains it: full fine-tuning (all used parameters
-    train) or, with `lora_targets` (module names, engine/deepspeed.lora_target_names), frozen base weights
+    train) or, with `lora_targets` (module names, engine/lora.lora_target_names), frozen base weights
     plus rank-`lora_rank` adapters A [r, in] and B [out, r] and, optionally, the condition embedding."""
     with torch.device("meta"):
         policy = PI0Policy(arch)
     unused = set(unused_parameter_names(arch))
+    # Autocast runs Linear/Conv in bf16, except the parts model.pi0 keeps in fp32 (its _fp32 regions).
     low = {
         f"{m}.{n}" if m else n
         for m, mod in policy.named_modules()
-        if isinstance(mod, (nn.Linear, nn.Conv2d))
+        if isinstance(mod, (nn.Linear, nn.Conv2d)) and not any(k in f".{m}." for k in FP32_MODULE_MARKERS)
         for n, _ in mod.named_parameters(recurse=False)
     }
     targets = set(lora_targets)
@@ -129,10 +130,14 @@ class Saved:
         return self.act + self.w_train + self.w_frozen
 
 
-def _linear(n: int, d_in: int, d_out: int, x_rg: bool, w_train: bool, rank: int = 0):
+def _linear(n: int, d_in: int, d_out: int, x_rg: bool, w_train: bool, rank: int = 0, fp32: bool = False):
     """One nn.Linear on n tokens under bf16 autocast -> (Saved, output requires grad). A bf16 input (MLP
-    product, SiLU output) is saved as it is instead of as a copy: the same bytes."""
+    product, SiLU output) is saved as it is instead of as a copy: the same bytes. fp32: a layer PI0 keeps
+    in float32 under autocast (model.pi0 _fp32): its fp32 input is saved, no weight copy is made."""
     s = Saved()
+    if fp32:
+        s.act += FP32 * n * d_in if w_train else 0
+        return s, x_rg or w_train
     if w_train:
         s.act += BF16 * n * d_in  # bf16 input copy, for the weight gradient
     if x_rg:
@@ -209,31 +214,31 @@ def _joint_layer(arch: PI0Arch, b: int, seq: TokenLayout, i: int, full: bool, ra
 
 
 def _siglip_layer(arch: PI0Arch, n: int) -> Saved:
-    """One SigLIP encoder layer on n tokens (full fine-tuning)."""
+    """One SigLIP encoder layer on n tokens (full fine-tuning), in fp32 (model.pi0 keeps SigLIP fp32)."""
     v = arch.vision
     per_token = (
         2 * (FP32 * v.width + 8)  # two LayerNorms: fp32 input, mean and rstd
-        + 4 * BF16 * v.width  # bf16 input copies of q, k, v and fc1
-        + 4 * BF16 * v.width
+        + 2 * FP32 * v.width  # their outputs: the input of q/k/v (shared) and of fc1
+        + 4 * FP32 * v.width
         + FP32 * v.num_heads  # SDPA: q, k, v, output (= out_proj input), log-sum-exp
-        + 2 * BF16 * v.mlp_dim  # fc1 output (GELU input) and GELU output (fc2 input)
+        + 2 * FP32 * v.mlp_dim  # fc1 output (GELU input) and GELU output (fc2 input)
     )
-    return Saved(act=n * per_token, w_train=BF16 * (4 * v.width**2 + 2 * v.width * v.mlp_dim))
+    return Saved(act=n * per_token)
 
 
 def _vision(arch: PI0Arch, rows: int, seq: TokenLayout, ckpt: bool) -> Saved:
     """Full fine-tuning only: conv patch embedding, SigLIP layers, post-LayerNorm, projector."""
     v = arch.vision
     n = rows * seq.cameras * v.tokens_per_image
-    conv = Saved(act=BF16 * rows * seq.cameras * 3 * v.image_size**2 + INT64 * v.tokens_per_image)
-    conv.w_train += BF16 * v.width * 3 * v.patch_size**2
+    # fp32 conv: it saves the batch's own pixel tensor (no new allocation), and the position ids.
+    conv = Saved(act=INT64 * v.tokens_per_image)
     if ckpt:
         layers = Saved(act=v.depth * FP32 * n * v.width)  # each layer's fp32 input
     else:
         layers = _siglip_layer(arch, n)
         layers = Saved(act=v.depth * layers.act, w_train=v.depth * layers.w_train)
     post = Saved(act=n * (FP32 * v.width + 8))  # LayerNorm input, mean, rstd
-    proj, _ = _linear(n, v.width, arch.vlm.width, True, True)
+    proj, _ = _linear(n, v.width, arch.vlm.width, True, True, fp32=True)
     return conv.add(layers).add(post).add(proj)
 
 
@@ -243,18 +248,18 @@ def _suffix_embedding(arch: PI0Arch, rows: int, full: bool) -> Saved:
     s = Saved(act=INT64 * rows)  # condition indices
     if not full:
         return s
-    s.add(_linear(rows, arch.max_state_dim, d, False, True)[0])
-    s.add(_linear(rows * h, arch.max_action_dim, d, False, True)[0])
-    s.add(_linear(rows * h, 2 * d, d, True, True)[0])
-    s.act += BF16 * rows * h * d  # SiLU input
-    return s.add(_linear(rows * h, d, d, True, True)[0])
+    # model.pi0 keeps these fp32; state_proj saves the batch's own state tensor (no new allocation)
+    s.add(_linear(rows * h, arch.max_action_dim, d, False, True, fp32=True)[0])
+    s.add(_linear(rows * h, 2 * d, d, True, True, fp32=True)[0])
+    s.act += FP32 * rows * h * d  # SiLU input
+    return s.add(_linear(rows * h, d, d, True, True, fp32=True)[0])
 
 
 def _head(arch: PI0Arch, rows: int, full: bool) -> Saved:
     """Expert final norm on the suffix, action_out_proj on the chunk, the MSE loss."""
     s_len, h, d = 1 + arch.chunk_size, arch.chunk_size, arch.expert.width
     s = _rms_norm(rows * s_len, d, True, full)
-    s.add(_linear(rows * h, d, arch.max_action_dim, True, full)[0])
+    s.add(_linear(rows * h, d, arch.max_action_dim, True, full, fp32=True)[0])
     s.act += 2 * FP32 * rows * h * arch.max_action_dim  # MSE target and prediction
     return s
 

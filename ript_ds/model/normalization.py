@@ -16,12 +16,14 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from safetensors import safe_open
 
 NORM_FILE = "norm_stats.json"
+WEIGHTS_FILE = "model.safetensors"  # every layout's weights file (model/weights.py CANONICAL_WEIGHTS)
+_BUFFER_PREFIX = ("normalize_inputs.", "normalize_targets.", "unnormalize_outputs.")  # lerobot <= 0.3
 Mode = Literal["mean_std", "quantile"]
 STAT_NAMES = ("mean", "std", "q01", "q99")
 
@@ -141,10 +143,32 @@ def _read_flat(path: Path) -> dict[str, np.ndarray]:
         return {k: f.get_tensor(k).astype(np.float64) for k in f.keys()}  # noqa: SIM118
 
 
+def _weights_buffers(directory: Path) -> dict[str, Any]:
+    """The lerobot <= 0.3 `normalize_*` buffers of the directory's weights file (or its shards), read
+    alone: a header look-up, not the whole file."""
+    path = directory / WEIGHTS_FILE
+    index = path.with_name(path.name + ".index.json")
+    if path.exists():
+        files = [path]
+    elif index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({directory / f for k, f in weight_map.items() if k.startswith(_BUFFER_PREFIX)})
+    else:
+        return {}
+    out = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:  # torch tensors, as a caller's `weights`
+            out |= {k: f.get_tensor(k) for k in f.keys() if k.startswith(_BUFFER_PREFIX)}  # noqa: SIM118
+    return out
+
+
 def load_norm_stats(
     directory: str | Path, weights: Mapping | None = None, mode: Mode | None = None
 ) -> NormStats | None:
-    """Find statistics for a checkpoint directory in any supported place; None when there are none."""
+    """Find statistics for a checkpoint directory in any supported place; None when there are none.
+
+    The one route for the trainer, eval and export: `weights` (the checkpoint's raw tensors, when the
+    caller has read them anyway) only saves reading the lerobot <= 0.3 buffers from the file again."""
     directory = Path(directory)
     if (directory / NORM_FILE).exists():
         return _from_openpi_json(directory / NORM_FILE, mode)
@@ -159,8 +183,10 @@ def load_norm_stats(
         found = _from_flat(_read_flat(proc), "observation.state", "action", str(proc), mode)
         if found is not None:
             return found
-    if weights is not None and any(k.startswith("normalize_inputs.") for k in weights):
-        flat = {k: v.detach().double().numpy() for k, v in weights.items() if k.startswith("normalize_")}
+    if weights is None:
+        weights = _weights_buffers(directory)
+    if any(k.startswith("normalize_inputs.") for k in weights):
+        flat = {k: v.detach().double().numpy() for k, v in weights.items() if k.startswith(_BUFFER_PREFIX)}
         state = {f"s.{s}": flat[f"normalize_inputs.buffer_observation_state.{s}"] for s in ("mean", "std")}
         action = {f"a.{s}": flat[f"normalize_targets.buffer_action.{s}"] for s in ("mean", "std")}
         return _from_flat({**state, **action}, "s", "a", f"{directory} (lerobot<=0.3 buffers)", mode)

@@ -20,6 +20,7 @@ Shapes: B batch, N cameras, P prefix tokens, H chunk size, A = max_action_dim, S
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -49,6 +50,22 @@ FP32_MODULE_MARKERS = (
 
 COND_NONE = 0
 COND_POSITIVE = 1
+
+
+def precision(device: torch.device | str, dtype: str | torch.dtype) -> contextlib.AbstractContextManager:
+    """The one precision policy of rollouts, updates and evaluation: float32, or bfloat16 autocast for the
+    Gemma stacks while the parts the reference keeps in float32 stay there (PI0Policy._fp32 regions).
+    DeepSpeed's torch_autocast wraps the training forward in the same autocast."""
+    bf16 = dtype in ("bfloat16", torch.bfloat16)
+    if not bf16 and dtype not in ("float32", torch.float32):
+        raise ValueError(f"precision: unsupported dtype {dtype}; use float32 or bfloat16")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _fp32(like: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off: the vision tower, projector, action/state/time projections and the output head run
+    in float32 under a bf16 autocast, as the reference keeps them (FP32_MODULE_MARKERS)."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 @dataclass
@@ -179,7 +196,8 @@ class PI0Policy(nn.Module):
         vlm = self.model.vlm
         vision_dtype = vlm.multi_modal_projector.linear.weight.dtype
         pixels = batch.images.flatten(0, 1).to(vision_dtype)  # [B*N, 3, H, W]
-        feats = vlm.get_image_features(pixels).pooler_output  # [B*N, T, D]
+        with _fp32(pixels):
+            feats = vlm.get_image_features(pixels).pooler_output  # [B*N, T, D]
         t = feats.shape[1]
         feats = feats.reshape(b, n * t, -1)
         text = vlm.language_model.embed_tokens(batch.tokens)  # Gemma scales by sqrt(width) inside
@@ -190,16 +208,17 @@ class PI0Policy(nn.Module):
     def embed_suffix(self, state: Tensor, x_t: Tensor, time: Tensor, cond: Tensor | None) -> Tensor:
         """State token + H noisy-action tokens fused with the time embedding.  -> [B, 1 + H, D_expert]."""
         eat = self.embed_action_time
-        state_emb = eat.state_proj(state.to(eat.state_proj.weight.dtype))
-        action_emb = eat.action_in_proj(x_t.to(eat.action_in_proj.weight.dtype))
-        time_emb = sinusoidal_time_embedding(
-            time, action_emb.shape[-1], self.arch.min_period, self.arch.max_period
-        )
-        fused = torch.cat([action_emb, time_emb[:, None, :].expand_as(action_emb)], dim=2)
-        fused = eat.action_time_mlp_out(F.silu(eat.action_time_mlp_in(fused)))
-        embs = torch.cat([state_emb[:, None, :], fused], dim=1)
-        if cond is not None:
-            embs = embs + self.cond_embed(cond)[:, None, :]
+        with _fp32(x_t):
+            state_emb = eat.state_proj(state.to(eat.state_proj.weight.dtype))
+            action_emb = eat.action_in_proj(x_t.to(eat.action_in_proj.weight.dtype))
+            time_emb = sinusoidal_time_embedding(
+                time, action_emb.shape[-1], self.arch.min_period, self.arch.max_period
+            )
+            fused = torch.cat([action_emb, time_emb[:, None, :].expand_as(action_emb)], dim=2)
+            fused = eat.action_time_mlp_out(F.silu(eat.action_time_mlp_in(fused)))
+            embs = torch.cat([state_emb[:, None, :], fused], dim=1)
+            if cond is not None:
+                embs = embs + self.cond_embed(cond)[:, None, :]
         return embs.to(self.compute_dtype)
 
     def _suffix_blocks(self, b: int, device: torch.device) -> Tensor:
@@ -270,7 +289,8 @@ class PI0Policy(nn.Module):
         return self.model.dit.norm(suffix)
 
     def _velocity_out(self, suffix_out: Tensor) -> Tensor:
-        return self.action_out_proj(suffix_out[:, -self.arch.chunk_size :].to(torch.float32))
+        with _fp32(suffix_out):
+            return self.action_out_proj(suffix_out[:, -self.arch.chunk_size :].to(torch.float32))
 
     # ------------------------------------------------------------------ training
     def velocity(self, batch: PI0Batch, x_t: Tensor, time: Tensor, cond: Tensor | None = None) -> Tensor:
@@ -344,16 +364,17 @@ class PI0Policy(nn.Module):
         use_cache=False recomputes the prefix at every step (for equivalence tests and benchmarks).
         """
         num_steps = num_steps or self.arch.num_inference_steps
-        if guidance is not None and torch.equal(self.cond_embed.weight[0], self.cond_embed.weight[1]):
-            # Both branches would be the same network (e.g. the zero-initialised embedding of a fresh
-            # PI0): guidance is a no-op, so skip the doubled batch. This also makes the result exactly
-            # the plain model's, which a 2B-row batch only matches up to GEMM rounding (~1e-7).
-            guidance = None
         b = noise.shape[0]
         state = batch.state
+        conds = None
+        if guidance is not None and torch.equal(self.cond_embed.weight[0], self.cond_embed.weight[1]):
+            # Both branches are the same network (e.g. the zero-initialised embedding of a fresh PI0), so
+            # v_none = v_pos and guidance is a no-op: one branch with that (shared) condition, not 2B rows.
+            # It must still add the embedding: equal rows need not be zero.
+            guidance = None
+            conds = torch.full((b,), COND_POSITIVE, dtype=torch.long, device=noise.device)
         if use_cache:
             cache, prefix_pad = self.prefix_cache(batch)
-        conds = None
         if guidance is not None:
             conds = torch.cat([torch.full((b,), c, dtype=torch.long, device=noise.device) for c in (0, 1)])
             state = state.repeat(2, 1)

@@ -118,9 +118,11 @@ class Processor:
         states: np.ndarray,
         prompts: Sequence[str],
         actions: np.ndarray | None = None,
-        device: torch.device | str = "cpu",
+        *,
+        device: torch.device | str,
     ) -> PI0Batch:
-        """images [B, N, H, W, 3] uint8, states [B, D_s] raw, actions [B, H, D_a] raw -> normalized batch."""
+        """images [B, N, H, W, 3] uint8, states [B, D_s] raw, actions [B, H, D_a] raw -> normalized batch
+        on `device` (the caller names it: the policy's, or the engine's in training)."""
         b, n = images.shape[:2]
         pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 1, 4, 2, 3)
         pixels = pixels.to(torch.float32) / 255.0 * 2.0 - 1.0  # [B, N, 3, H, W] in [-1, 1]

@@ -10,30 +10,34 @@ Layouts (detected from the keys, mapped by explicit prefix rules, never by fuzzy
   `action_time_mlp_in/out`.
 The references' two `lm_head` weights are unused by PI0 and dropped by name (an automatic renaming would
 map PaliGemma's lm_head onto the input embeddings). Any other key that maps nowhere, and any expected key
-that is absent, is an error naming them.
+that is absent, is an error naming them (check_state, shared with the ZeRO-3 engine). Files are checked
+from their headers first (read_header: a truncated or corrupt download is one error), and
+inspect_checkpoint runs every check from the headers alone, before distributed init.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from ript_ds.model.arch import GemmaArch, PI0Arch, VisionArch
-from ript_ds.model.normalization import NormStats, load_norm_stats
+from ript_ds.model.normalization import WEIGHTS_FILE, NormStats, load_norm_stats
 from ript_ds.model.pi0 import PI0Policy
 
 log = logging.getLogger(__name__)
 
-CANONICAL_WEIGHTS = "model.safetensors"
+CANONICAL_WEIGHTS = WEIGHTS_FILE
 CANONICAL_ARCH = "pi0_arch.json"
 OURS_ONLY = ("cond_embed.weight",)  # absent from reference checkpoints; zero-initialised
 
@@ -140,14 +144,18 @@ def from_canonical(key: str, layout: str) -> str:
     return key
 
 
-def load_into(policy: PI0Policy, state: Mapping[str, Tensor], source: str, layout: str = "canonical") -> None:
-    """Strict load of canonical tensors: every key must exist with the right shape, nothing may be left.
-
-    Errors name keys as the checkpoint spells them (layout names), so users can find them in their file.
-    """
-    expected = policy.state_dict()
-    missing = [from_canonical(k, layout) for k in expected if k not in state and k not in OURS_ONLY]
-    unexpected = [from_canonical(k, layout) for k in state if k not in expected]
+def check_state(
+    expected: Mapping[str, Sequence[int]],
+    found: Mapping[str, Sequence[int]],
+    source: str,
+    layout: str = "canonical",
+) -> None:
+    """The one strict check of every loader (load_into, inspect_checkpoint, the ZeRO-3 engine): canonical
+    key -> shape of the model vs the checkpoint. Every expected key but OURS_ONLY must be present, nothing
+    else may be, shapes must be equal (a broadcastable one too). Keys are named as the checkpoint spells
+    them (layout names), so users can find them in their file."""
+    missing = [from_canonical(k, layout) for k in expected if k not in found and k not in OURS_ONLY]
+    unexpected = [from_canonical(k, layout) for k in found if k not in expected]
     if missing or unexpected:
         parts = []
         if missing:
@@ -156,32 +164,96 @@ def load_into(policy: PI0Policy, state: Mapping[str, Tensor], source: str, layou
             parts.append(f"unexpected keys: {_name_keys(unexpected)}")
         raise CheckpointError(f"{source} does not match the PI0 architecture; " + "; ".join(parts))
     bad = [
-        f"{from_canonical(k, layout)} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if v.shape != expected[k].shape
+        f"{from_canonical(k, layout)} {tuple(shape)} vs {tuple(expected[k])}"
+        for k, shape in found.items()
+        if tuple(shape) != tuple(expected[k])
     ]
     if bad:
         raise CheckpointError(f"{source}: shape mismatch (checkpoint vs model): {_name_keys(bad)}")
+
+
+def load_into(policy: PI0Policy, state: Mapping[str, Tensor], source: str, layout: str = "canonical") -> None:
+    """Strict load of canonical tensors (check_state), then a copy into the policy."""
+    expected = policy.state_dict()
+    check_state(
+        {k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in state.items()}, source, layout
+    )
     with torch.no_grad():
         for key, target in expected.items():
             if key in state:
                 target.copy_(state[key].to(target.dtype))
 
 
-def read_safetensors(path: Path) -> dict[str, Tensor]:
-    """One file, or a sharded set described by `<name>.index.json`."""
+# Bytes per element of the safetensors dtypes, to check a header's offsets against its shapes.
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2}
+_DTYPE_BYTES |= {"BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The file `path`, or the shards its `<name>.index.json` names."""
     index = path.with_name(path.name + ".index.json")
-    files = [path]
-    if not path.exists() and index.exists():
-        files = sorted({path.parent / f for f in json.loads(index.read_text())["weight_map"].values()})
-    if not files[0].exists():
+    if path.exists() or not index.exists():
+        if not path.exists():
+            raise CheckpointError(
+                f"no weights file {path} (nor {index.name}); is this a PI0 checkpoint directory?"
+            )
+        return [path]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted({path.parent / f for f in weight_map.values()})
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{index} is not a safetensors index (JSON with a weight_map)") from None
+
+
+def read_header(file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header, after checking that the file is whole. Reads the header
+    only (kilobytes), so a corrupt or truncated download is one clear error before any process starts."""
+    if not file.is_file():
+        raise CheckpointError(f"weights file {file} does not exist")
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        raw = f.read(length) if 2 <= length <= size - 8 else b""
+    not_safetensors = f"{file} is not a safetensors file"
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{not_safetensors} (no valid header); re-download or re-export it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{not_safetensors} (its header is no JSON object)")
+    shapes, end = {}, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = info["data_offsets"]
+            shape = tuple(int(d) for d in info["shape"])
+            itemsize = _DTYPE_BYTES.get(info["dtype"])
+            ok = 0 <= begin <= stop and (itemsize is None or stop - begin == math.prod(shape) * itemsize)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{not_safetensors} (bad header entry for {name!r}); re-download it")
+        shapes[name], end = shape, max(end, stop)
+    if 8 + length + end > size:
         raise CheckpointError(
-            f"no weights file {path} (nor {index.name}); is this a PI0 checkpoint directory?"
+            f"{file} is truncated ({size} bytes, its header describes {8 + length + end}); "
+            "re-download or re-export it"
         )
+    return shapes
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """One file, or a sharded set described by `<name>.index.json`; headers are checked first."""
     out: dict[str, Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is no dict)
+    for file in weight_files(path):
+        read_header(file)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is no dict)
+        except SafetensorError as err:
+            raise CheckpointError(f"{file}: {err}") from None
     return out
 
 
@@ -251,21 +323,68 @@ def _reference_overrides(directory: Path) -> dict:
     cfg_file = directory / "config.json"
     if not cfg_file.exists():
         return {}
-    cfg = json.loads(cfg_file.read_text())
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {err}") from None
+    if not isinstance(cfg, dict):
+        return {}
     return {k: cfg[k] for k in ("chunk_size", "num_inference_steps") if isinstance(cfg.get(k), int)}
 
 
-def load_checkpoint(directory: str | Path, arch: PI0Arch | None = None) -> LoadedCheckpoint:
-    """Load any supported layout from a directory: weights, architecture and normalization statistics."""
+def checkpoint_arch(directory: Path, state: Mapping[str, Tensor], **overrides) -> PI0Arch:
+    """The checkpoint's pi0_arch.json when there is one, else sizes inferred from its canonical tensors
+    (meta tensors will do) plus a lerobot config.json's chunk size / steps; `overrides` (the run config's
+    num_inference_steps) win over both."""
+    arch_file = directory / CANONICAL_ARCH
+    if arch_file.exists():
+        try:
+            arch = PI0Arch.from_dict(json.loads(arch_file.read_text()))
+        except (json.JSONDecodeError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{arch_file} is not a PI0 architecture: {err}") from None
+    else:
+        try:
+            arch = infer_arch(state, **_reference_overrides(directory))
+        except (KeyError, ValueError) as err:  # a tensor the sizes are read from is absent
+            raise CheckpointError(
+                f"cannot infer the PI0 architecture of {directory} ({type(err).__name__}: {err}); "
+                f"check the weights or add a {CANONICAL_ARCH}"
+            ) from None
+    return dataclasses.replace(arch, **overrides)
+
+
+def inspect_checkpoint(directory: str | Path, **overrides) -> PI0Arch:
+    """What load_checkpoint would build, from the safetensors headers alone (no tensor is read): the files
+    are whole, the keys map, the arch is known and every key and shape matches it. Cheap enough to run
+    before distributed init; returns the arch (with `overrides` applied)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in weight_files(directory / CANONICAL_WEIGHTS):
+        shapes |= read_header(file)
+    state, layout = to_canonical({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    arch = checkpoint_arch(directory, state, **overrides)
+    with torch.device("meta"):  # the architecture's key and shape table, without allocating it
+        expected = PI0Policy(arch).state_dict()
+    check_state(
+        {k: v.shape for k, v in expected.items()},
+        {k: v.shape for k, v in state.items()},
+        f"{layout} checkpoint {directory}",
+        layout,
+    )
+    return arch
+
+
+def load_checkpoint(directory: str | Path, arch: PI0Arch | None = None, **overrides) -> LoadedCheckpoint:
+    """Load any supported layout from a directory: weights, architecture and normalization statistics.
+    `overrides` replace arch fields (the run config's num_inference_steps)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     raw = read_safetensors(directory / CANONICAL_WEIGHTS)
     state, layout = to_canonical(raw)
-    if arch is None and (directory / CANONICAL_ARCH).exists():
-        arch = PI0Arch.from_dict(json.loads((directory / CANONICAL_ARCH).read_text()))
-    if arch is None:
-        arch = infer_arch(state, **_reference_overrides(directory))
+    arch = dataclasses.replace(arch, **overrides) if arch else checkpoint_arch(directory, state, **overrides)
     policy = PI0Policy(arch)
     load_into(policy, state, source=f"{layout} checkpoint {directory}", layout=layout)
     stats = load_norm_stats(directory, raw)

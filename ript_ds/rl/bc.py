@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -138,13 +139,17 @@ class SyntheticSetup:
 
 
 def build_synthetic_setup(
-    seed: int, setup: SyntheticSetup | None = None
+    seed: int, setup: SyntheticSetup | None = None, tokenizer_dir: str | Path | None = None
 ) -> tuple[PI0Policy, Processor, list[TaskSpec]]:
-    """A freshly initialised tiny PI0 (seeded), its processor (tiny tokenizer, fixed norm stats), the tasks."""
+    """A freshly initialised tiny PI0 (seeded), its processor (tiny tokenizer, fixed norm stats), the tasks.
+
+    tokenizer_dir: where the tokenizer.model is written to stay (a checkpoint directory, so whoever
+    loads the checkpoint finds the tokenizer it was trained with); default a temporary directory."""
     setup = setup or SyntheticSetup()
     tasks = setup.tasks()
     with tempfile.TemporaryDirectory() as tmp:  # the tokenizer reads its model file once, at load
-        path = build_tiny_tokenizer(tmp, [t.instruction for t in tasks], vocab_size=setup.tokenizer_vocab)
+        texts = [t.instruction for t in tasks]
+        path = build_tiny_tokenizer(tokenizer_dir or tmp, texts, vocab_size=setup.tokenizer_vocab)
         tokenizer = PromptTokenizer(path, max_length=setup.max_prompt_tokens)
     if tokenizer.vocab_size > setup.tokenizer_vocab:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces > arch vocab {setup.tokenizer_vocab}")
@@ -249,13 +254,15 @@ def _expert_episode(
 
 # ---------------------------------------------------------------------------- behaviour cloning
 def windows_to_batch(
-    processor: Processor, windows: Sequence[Window], tasks: Sequence[TaskSpec]
+    processor: Processor, windows: Sequence[Window], tasks: Sequence[TaskSpec], device: torch.device
 ) -> tuple[PI0Batch, torch.Tensor]:
-    """Windows -> (PI0Batch with normalized actions, step mask [B, H])."""
+    """Windows -> (PI0Batch with normalized actions, step mask [B, H]) on `device`."""
     tb = TrainBatch.from_windows(windows)
     prompts = [tasks[int(t)].instruction for t in tb.task_ids]
-    batch = processor.batch(tb.images.numpy(), tb.states.numpy(), prompts, actions=tb.actions.numpy())
-    return batch, tb.action_mask
+    batch = processor.batch(
+        tb.images.numpy(), tb.states.numpy(), prompts, actions=tb.actions.numpy(), device=device
+    )
+    return batch, tb.action_mask.to(device)
 
 
 def behaviour_clone(
@@ -291,7 +298,7 @@ def behaviour_clone(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
     )
-    arch = policy.arch
+    arch, device = policy.arch, next(policy.parameters()).device
     policy.train()
     losses, order, cursor = [], torch.empty(0, dtype=torch.long), 0
     start = time.perf_counter()
@@ -300,9 +307,10 @@ def behaviour_clone(
             order, cursor = torch.randperm(len(windows), generator=gen), 0
         idx = order[cursor : cursor + micro_batch].tolist()
         cursor += micro_batch
-        batch, mask = windows_to_batch(processor, [windows[i] for i in idx], tasks)
+        batch, mask = windows_to_batch(processor, [windows[i] for i in idx], tasks, device)
         noise, t = sample_noise_time(arch, len(idx), draws)
-        loss = reduce_loss(policy.loss(batch, noise, t), mask, processor.action_dim).mean()
+        per = policy.loss(batch, noise.to(device), t.to(device))
+        loss = reduce_loss(per, mask, processor.action_dim).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -317,11 +325,11 @@ def behaviour_clone(
 
 
 def warm_start(
-    seed: int, setup: SyntheticSetup | None = None
+    seed: int, setup: SyntheticSetup | None = None, tokenizer_dir: str | Path | None = None
 ) -> tuple[PI0Policy, Processor, list[TaskSpec], list[float]]:
     """build_synthetic_setup + demos (setup.expert_imperfection, one per training init state) + BC."""
     setup = setup or SyntheticSetup()
-    policy, processor, tasks = build_synthetic_setup(seed, setup)
+    policy, processor, tasks = build_synthetic_setup(seed, setup, tokenizer_dir)
     demos = collect_demos(
         tasks,
         setup.expert_imperfection,
@@ -350,7 +358,8 @@ def rollout_inline(
     guidance: float | None = None,
 ) -> RolloutResult:
     """rollout.collect with the PI0 policy on `num_envs` in-process synthetic envs."""
-    fn = make_pi0_policy_fn(policy.eval(), processor, num_steps=num_steps, guidance=guidance)
+    device = next(policy.parameters()).device
+    fn = make_pi0_policy_fn(policy.eval(), processor, device=device, num_steps=num_steps, guidance=guidance)
     pool = InlinePool(EnvFactory("synthetic", env_kwargs or {}), num_envs)
     return collect(fn, pool, requests, replan_every=replan_every)
 

@@ -5,9 +5,10 @@ turns them into one number per window, and the objectives combine those with adv
 
 Normalization (all three objectives): a sample with weight 0 is padding and contributes nothing,
 not even a NaN. By default the total is sum_b w_b * l_b divided by the number of real samples
-(w_b > 0), i.e. a mean over real windows. Pass `normalizer` to divide by a fixed count instead,
-e.g. the number of real windows per rank per optimizer step, so that a micro-batch with few real
-windows is not up-weighted relative to a full one. With no real samples the total is an exact zero
+(w_b > 0), i.e. a mean over real windows. Pass `normalizer` to divide by a fixed count instead:
+the update (rl/update.py) passes the optimizer step's real windows over all ranks / world size, so a
+micro-batch with few real windows is not up-weighted relative to a full one. The diagnostic fields of the
+results (means "over real samples") are always means over this micro-batch's real samples. With no real samples the total is an exact zero
 that still depends on the inputs, so backward() runs and every rank joins the same collectives.
 """
 

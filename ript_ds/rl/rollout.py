@@ -22,11 +22,13 @@ import torch
 
 from ript_ds.env.base import Observation, TaskSpec
 from ript_ds.env.pool import EnvPool, SlotReply
-from ript_ds.model.pi0 import PI0Policy
+from ript_ds.model.pi0 import PI0Policy, precision
 from ript_ds.model.processing import Processor
 from ript_ds.rl.types import Context, Episode
 
 logger = logging.getLogger(__name__)
+
+PREEMPTED = "preempted"  # failure_reason of the episodes that collect(should_stop=...) cut short
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,6 @@ class _Live:
     actions: list[np.ndarray] = field(default_factory=list)
     replan_steps: list[int] = field(default_factory=list)
     obs: Observation | None = None  # latest observation, awaiting a policy call
-    sent: np.ndarray | None = None  # actions sent with the pending step command
 
     @property
     def length(self) -> int:
@@ -115,10 +116,15 @@ def collect(
     replan_every: int = 5,
     action_dim: int = 7,
     on_progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> RolloutResult:
     """Run every request to the end (success, step cap or failure); see the module docstring.
 
     on_progress(episodes finished, env steps so far) is called after every gathered round (progress bars).
+    should_stop() is asked after every gathered round too (nothing is pending then): once true, no
+    episode starts and every unfinished one, live or queued, ends with failure_reason PREEMPTED, so
+    it is never learned from. A preemption thus waits one round (replan_every env steps) for a safe
+    point instead of the whole request list (minutes on libero_10).
     """
     if replan_every < 1:
         raise ValueError(f"replan_every must be >= 1, got {replan_every}")
@@ -146,12 +152,17 @@ def collect(
                 finished += 1
         if on_progress is not None:
             on_progress(finished, env_steps)
+        if should_stop is not None and should_stop():
+            unfinished = [s for s in slots if s is not None] + [_Live(i, r) for i, r in queue]
+            for live in unfinished:
+                episodes[live.index] = live.finish(False, PREEMPTED, action_dim)
+            break
         waiting = [i for i, s in enumerate(slots) if s is not None and s.obs is not None]
         if waiting:
             calls += 1
             chunks = _query(policy_fn, [slots[i] for i in waiting], replan_every, action_dim)
             for i, chunk in zip(waiting, chunks, strict=True):
-                slots[i].sent, slots[i].obs = chunk, None
+                slots[i].obs = None
                 pool.send_step(i, chunk)
         for slot in range(pool.num_workers):
             if slots[slot] is None:
@@ -161,9 +172,10 @@ def collect(
 
 def _apply_reply(live: _Live, reply: SlotReply) -> int:
     """Record a reset or step reply; returns the env steps it executed."""
-    if live.sent is not None:
-        live.actions.extend(live.sent[: reply.executed])
-        live.sent = None
+    if reply.executed:
+        # What the env executed (clipped to its action space), not what was sent: these become the
+        # training targets, and replaying them must reproduce the episode.
+        live.actions.extend(reply.actions)
     if reply.failure is None and not reply.done:
         live.observe(reply.obs)
     return reply.executed
@@ -205,14 +217,18 @@ def noise_seed(key: NoiseKey) -> int:
 def make_pi0_policy_fn(
     policy: PI0Policy,
     processor: Processor,
+    *,
+    device: torch.device | str,
+    dtype: str = "float32",
     num_steps: int | None = None,
     guidance: float | None = None,
     base_seed: int = 0,
-    device: torch.device | str = "cpu",
     noise_scale: float = 1.0,
 ) -> PolicyFn:
     """A PolicyFn that runs PI0 once per call for the whole batch; noise per env from its NoiseKey.
 
+    `device` is where the policy's parameters live (the engine's device in training); `dtype` is the
+    run's precision (model.pi0.precision), the same for training rollouts and evaluation.
     `base_seed` is added to every episode seed (one knob to vary all noise, e.g. per iteration).
     `noise_scale` multiplies the flow's initial noise: > 1 widens the sampled chunks (exploration in
     training rollouts); evaluation keeps 1, the policy's own distribution.
@@ -239,7 +255,7 @@ def make_pi0_policy_fn(
         ).to(device)  # [n, H, A_max], drawn on CPU so it is identical on every device
         if noise_scale != 1.0:
             noise = noise * noise_scale
-        with torch.no_grad():
+        with torch.no_grad(), precision(device, dtype):
             actions = policy.sample_actions(batch, noise, num_steps, guidance)
         return processor.decode_actions(actions)  # [n, H, action_dim]
 

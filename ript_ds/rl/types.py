@@ -129,6 +129,9 @@ class Window:
     action_mask: np.ndarray  # [H] bool, True where the action was really executed
     advantage: float
     weight: float = 1.0  # 0 for padding samples that only equalize micro-step counts across ranks
+    # (episode seed, index in the episode): names the window the same way on any rank layout, so the
+    # update's plan and its (noise, time) draws do not depend on which rank rolled it out
+    key: tuple[int, int] | None = None
 
     def as_padding(self) -> Window:
         """A copy that contributes nothing to the loss but has valid shapes."""
@@ -140,6 +143,7 @@ class Window:
             action_mask=self.action_mask,
             advantage=0.0,
             weight=0.0,
+            key=None,
         )
 
 

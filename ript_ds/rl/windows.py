@@ -40,6 +40,7 @@ def episode_windows(episode: Episode, advantage: float, chunk_size: int) -> list
                 actions=actions,
                 action_mask=mask,
                 advantage=float(advantage),
+                key=(int(episode.seed), i),
             )
         )
     return windows

@@ -29,7 +29,7 @@ def main() -> None:
     setup = warm.setup
     _, processor, tasks = build_synthetic_setup(0, setup)  # the same processor and tasks as BC's
     policy = load_checkpoint(warm.checkpoint).policy
-    fn = make_pi0_policy_fn(policy.eval(), processor)
+    fn = make_pi0_policy_fn(policy.eval(), processor, device="cpu")
     requests = [RolloutRequest(Context(0, s), tasks[0], 11 + s) for s in range(200)]
     factory = EnvFactory("synthetic", setup.env_kwargs())
     rows = ["| slots | in-process s | worker processes s | processes / in-process |", "|---|---|---|---|"]

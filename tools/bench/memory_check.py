@@ -95,7 +95,7 @@ def allocations(fn: Callable[[], object]) -> tuple[int, int, object]:
 
 def lora_targets(policy: PI0Policy, rank: int) -> list[str]:
     from ript_ds.config import LoraCfg
-    from ript_ds.engine.deepspeed import lora_target_names  # imports deepspeed; only LoRA cases need it
+    from ript_ds.engine.lora import lora_target_names
 
     return lora_target_names(policy, LoraCfg(enabled=True, rank=rank))
 

@@ -223,7 +223,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tok = PromptTokenizer(build_tiny_tokenizer(tmp, [task.instruction]), max_length=32)
     proc = Processor(tok, NormStats.identity(8, 7), action_dim=7)
-    pi0 = make_pi0_policy_fn(policy, proc, num_steps=args.denoise_steps, guidance=None)
+    pi0 = make_pi0_policy_fn(policy, proc, device="cpu", num_steps=args.denoise_steps, guidance=None)
 
     def pi0_fn(observations, tasks, keys):
         return pi0(observations, tasks, keys) * 0.05  # small, finite arm motions

@@ -106,7 +106,8 @@ def test_checkpointing_keeps_only_layer_inputs():
     assert on.saved < 0.1 * off.saved
     assert on.saved > arch.vlm.depth * per_layer_inputs
     assert on.recompute > 0 and off.recompute == 0
-    assert off.weight_copies > 2 * 2.5e9  # bf16 copies of ~2.6 B Linear weights kept for backward
+    # bf16 copies of the ~2.2 B Gemma Linear weights kept for backward (SigLIP and the projections run fp32)
+    assert off.weight_copies > 2 * 2.1e9
 
 
 # ---------------------------------------------------------------------------------------- full size

@@ -15,6 +15,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT
@@ -57,9 +58,10 @@ def matrix(tmp_path_factory) -> dict:
     for world, cmd in launches.items():
         with logs[world].open("w") as log:  # files, not pipes: a full pipe would stall a worker
             procs[world] = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 1200  # both launches together; collective timeouts end a hang sooner
     for proc in procs.values():
         try:
-            proc.wait(timeout=1200)
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

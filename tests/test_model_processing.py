@@ -32,6 +32,30 @@ def test_sentencepiece_prompt_convention(sp_tokenizer):
     assert list(tokens[n - len(newline) : n]) == newline
 
 
+def _rebuild_tokenizer(directory: str, rounds: int) -> None:
+    for _ in range(rounds):
+        build_tiny_tokenizer(directory, PROMPTS)
+
+
+def test_tiny_tokenizer_is_never_seen_half_written(tmp_path):
+    """Every rank builds the tiny tokenizer into the same run directory: a peer that loads it while
+    another rank rewrites it must read a whole file (CI failure: a truncated file failed rank 1 alone)."""
+    import multiprocessing
+
+    path = build_tiny_tokenizer(tmp_path, PROMPTS)
+    writer = multiprocessing.get_context("spawn").Process(target=_rebuild_tokenizer, args=(str(tmp_path), 40))
+    writer.start()
+    try:
+        reads = 0
+        while writer.is_alive() or reads == 0:
+            PromptTokenizer(path, max_length=16)  # raises on an empty or partial file
+            reads += 1
+    finally:
+        writer.join(timeout=120)
+    assert writer.exitcode == 0
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "tokenizer.model"], "temporary files left"
+
+
 def test_tokenizer_json_and_errors(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -7,6 +7,8 @@ Prompt convention (openpi): BOS + prompt with '_' and newlines turned to spaces 
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +91,14 @@ def build_tiny_tokenizer(directory: str | Path, texts: Sequence[str], vocab_size
         minloglevel=2,
     )
     path = directory / "tokenizer.model"
-    path.write_bytes(model.getvalue())
+    # Every rank builds it into the same run directory: a private file renamed into place, so a peer
+    # loading it never reads a half-written one (rename is atomic within a directory).
+    # (mkstemp, not the pid: ranks on different nodes of a shared file system may share a pid)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokenizer.model.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(model.getvalue())
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a tokenizer is readable like its checkpoint
+    os.replace(tmp, path)
     return path
 
 

@@ -42,7 +42,7 @@ def main() -> int:
     parser.add_argument("--skip-libero", action="store_true", help="no LIBERO evaluation (no renderer)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from ript_ds.learning import prepare_warm_start, ript_overrides, set_threads
+    from ript_ds.synthetic.learning import prepare_warm_start, ript_overrides, set_threads
 
     set_threads(1)
     out = Path(args.out).resolve()

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import functools
 import importlib.util
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,13 @@ LIBERO_SUITES: dict[str, int] = {
     "libero_10": 10,
     "libero_90": 90,
 }
+
+
+GUIDED = "cfg"  # ript.loss of classifier-free-guidance RIPT; in code, "cfg" otherwise means a config
+
+# Old key -> new key. An old key in a YAML file, an override or a checkpoint's saved config is read as
+# the new one (with a warning), so the config.yaml of an earlier run still loads and resumes.
+RENAMED_KEYS: dict[str, str] = {"ript.cfg_alpha": "ript.uncond_weight"}
 
 
 class ConfigError(ValueError):
@@ -81,14 +89,20 @@ class RiptCfg:
     rollouts_per_context: int = 8  # K
     groups_per_iteration: int = 4  # kept (mixed-outcome) groups wanted per iteration, all ranks together
     max_sampling_rounds: int = 8  # attempt cap of the smart sampler per iteration
-    loss: Literal["cfg", "awr", "fpo"] = "cfg"  # update objective (DESIGN section 3)
-    cfg_alpha: float = 0.1  # weight of the unconditional flow-matching term
+    # update objective (DESIGN section 3): cfg = classifier-free-guidance RIPT (CFGRL), awr, fpo
+    loss: Literal["cfg", "awr", "fpo"] = "cfg"
+    uncond_weight: float = 0.1  # cfg: weight of the unconditional flow-matching term (CFGRL's alpha)
     awr_beta: float = 1.0  # awr: temperature of the weights exp(A / beta)
     awr_max_weight: float = 20.0  # awr: weights are clipped here
     fpo_clip: float = 0.2  # fpo: PPO clip range of the likelihood-ratio proxy
     fpo_samples: int = 4  # (noise, time) samples per window for the FPO ratio
     skip_solved_after: int | None = None  # skip contexts whose last M rollouts all succeeded
     mixed_bonus: float = 0.0  # extra sampling weight for contexts with mixed history
+
+    @property
+    def guided(self) -> bool:
+        """The classifier-free-guidance objective: rollouts sample with rollout.guidance."""
+        return self.loss == GUIDED
 
 
 @dataclass
@@ -165,7 +179,7 @@ _AT_LEAST: tuple[tuple[str, int], ...] = (
     ("ript.rollouts_per_context", 2),
     ("ript.groups_per_iteration", 1),
     ("ript.max_sampling_rounds", 1),
-    ("ript.cfg_alpha", 0),
+    ("ript.uncond_weight", 0),
     ("ript.fpo_samples", 1),
     ("ript.skip_solved_after", 1),
     ("ript.mixed_bonus", 0),
@@ -401,7 +415,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} must hold a mapping of sections")
     for item in overrides or []:
         _apply_override(data, item)
-    return _build(ExperimentCfg, data, "").validate()
+    return _build(ExperimentCfg, migrate_renamed(data), "").validate()
+
+
+def migrate_renamed(data: dict[str, Any]) -> dict[str, Any]:
+    """A nested config dict with RENAMED_KEYS moved to their new names (a copy); both given: an error."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old, new in RENAMED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        section = out.get(old_section)
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        if new_key in out.get(new_section, {}):
+            raise ConfigError(f"{old} was renamed to {new}: give only {new}")
+        logging.getLogger(__name__).warning(
+            "config key %s was renamed to %s; reading it as %s", old, new, new
+        )
+        out.setdefault(new_section, {})[new_key] = section.pop(old_key)
+    return out
 
 
 def _field_docs(cls: type) -> dict[str, str]:

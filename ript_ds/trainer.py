@@ -27,21 +27,22 @@ import yaml
 
 from ript_ds import progress
 from ript_ds.build import Components, build_components
-from ript_ds.ckpt.manager import CheckpointManager, TrainState, check_config, rng_state
+from ript_ds.ckpt.manager import CheckpointManager, TrainState, check_config, rng_state, tag_for
 from ript_ds.ckpt.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
 from ript_ds.config import ExperimentCfg
 from ript_ds.engine import dist
 from ript_ds.engine.schedule import iteration_progress
 from ript_ds.env.inline import InlinePool
 from ript_ds.env.pool import EnvPool
+from ript_ds.eval import runner as eval_runner
+from ript_ds.eval.video import write_videos
 from ript_ds.metrics import MetricsWriter
 from ript_ds.model.weights import CANONICAL_ARCH
 from ript_ds.rl.advantage import group_advantages
 from ript_ds.rl.rollout import RolloutRequest, collect, make_pi0_policy_fn
 from ript_ds.rl.sampler import SamplingPhase, SmartSampler
 from ript_ds.rl.types import Context, Episode, Group, Window
-from ript_ds.rl.update import UpdateCfg, UpdateStats, plan_update, run_update, update_seed, window_refs
-from ript_ds.rl.video import write_videos
+from ript_ds.rl.update import UpdateStats, plan_update, run_update, update_seed, window_refs
 from ript_ds.rl.windows import episode_windows, groups_to_windows
 
 log = logging.getLogger(__name__)
@@ -105,18 +106,6 @@ class Trainer:
             # has no base checkpoint to read them from).
             arch = json.dumps(self.engine.module.arch.to_dict(), indent=1)
             (cfg.run_dir / CANONICAL_ARCH).write_text(arch)
-        self.update_cfg = UpdateCfg(
-            loss=cfg.ript.loss,
-            epochs=cfg.train.epochs,
-            micro_batch_size=cfg.train.micro_batch_size,
-            grad_accum_steps=cfg.train.grad_accum_steps,
-            cfg_alpha=cfg.ript.cfg_alpha,
-            awr_beta=cfg.ript.awr_beta,
-            awr_max_weight=cfg.ript.awr_max_weight,
-            fpo_clip=cfg.ript.fpo_clip,
-            fpo_samples=cfg.ript.fpo_samples,
-            action_dim=self.comp.processor.action_dim,
-        )
         self.ckpt = CheckpointManager(
             cfg.run_dir, cfg.ckpt.keep_last, dist.rank(), dist.world_size(), dist.barrier
         )
@@ -265,7 +254,7 @@ class Trainer:
         ript, k = self.cfg.ript, self.cfg.ript.rollouts_per_context
         phase = self.sampler.start_phase(ript.groups_per_iteration, ript.max_sampling_rounds)
         result = PhaseResult()
-        guidance = self.cfg.rollout.guidance if ript.loss == "cfg" else None
+        guidance = self.cfg.rollout.guidance if ript.guided else None
         start = time.perf_counter()
         while not phase.done:
             contexts = self.sampler.next_contexts(phase.num_to_draw(dist.world_size()))
@@ -327,7 +316,7 @@ class Trainer:
             shared = dist.broadcast_object(own if dist.rank() == src else None, src=src)
             own = own or shared
         seed = update_seed(self.cfg.train.seed, self.iteration)
-        plan = plan_update(shards, dist.rank(), self.update_cfg, seed)
+        plan = plan_update(shards, dist.rank(), self.cfg.train, seed, self.cfg.ript.loss)
         self.engine.set_progress(iteration_progress(self.iteration, self.cfg.train.iterations))
         self.engine.train()
         bar = progress.micro_step_bar(self.engine, plan.micro_steps, dist.is_main())
@@ -338,7 +327,8 @@ class Trainer:
                 self.comp.processor,
                 windows,
                 self.comp.prompts,
-                self.update_cfg,
+                self.cfg.ript,
+                self.cfg.train,
                 seed,
                 plan=plan,
                 padding=own,
@@ -349,19 +339,21 @@ class Trainer:
         return stats
 
     def evaluate(self) -> dict[str, float]:
-        """One episode per held-out context, sharded over ranks; eval/success_rate (collective)."""
+        """One episode per held-out context through the package's evaluator (eval/runner.py), sharded
+        over ranks; eval/success_rate and its Wilson interval, results under <run>/eval/ (collective)."""
         contexts = self.sampler.eval_contexts
         if not contexts:
             return {}
-        tasks = {t.task_id: t for t in self.comp.tasks}
-        rank, world = dist.rank(), dist.world_size()
-        requests = [RolloutRequest(c, tasks[c.task_id], 7 + i) for i, c in enumerate(contexts)][rank::world]
-        guidance = self.cfg.rollout.guidance if self.cfg.ript.loss == "cfg" else None
+        guidance = self.cfg.rollout.guidance if self.cfg.ript.guided else None
+        requests = eval_runner.context_requests(contexts, self.comp.tasks)
         # Every rank enters the rollout (its context gathers the parameters under ZeRO-3), with or
         # without held-out contexts of its own.
-        episodes = self._rollout(requests, guidance)
-        totals = dist.all_reduce_sum({"s": sum(ep.success for ep in episodes), "n": len(episodes)})
-        return {"eval/success_rate": totals["s"] / max(totals["n"], 1), "eval/episodes": totals["n"]}
+        result = eval_runner.run_episodes(
+            lambda mine: self._rollout(mine, guidance), requests, self.cfg.env.suite, self.comp.tasks
+        )
+        out = self.cfg.run_dir / "eval" / tag_for(self.iteration)
+        eval_runner.write_results(result, out, f"held-out contexts after iteration {self.iteration}")
+        return result.metrics()
 
     # ------------------------------------------------------------------ reporting
     def _metrics(

@@ -72,8 +72,8 @@ def test_tiny_tokenizer_only_for_tiny_models(tmp_path):
 
 
 def test_warm_start_checkpoint_carries_the_tokenizer_bc_used(tmp_path):
-    from ript_ds.learning import prepare_warm_start, ript_overrides
-    from ript_ds.rl.bc import SyntheticSetup, build_synthetic_setup
+    from ript_ds.synthetic.bc import SyntheticSetup, build_synthetic_setup
+    from ript_ds.synthetic.learning import prepare_warm_start, ript_overrides
 
     setup = SyntheticSetup(n_tasks=3, bc_init_states=2, bc_demos_per_state=1, bc_steps=2, bc_micro_batch=4)
     warm = prepare_warm_start(tmp_path / "warm", seed=0, setup=setup)

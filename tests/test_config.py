@@ -85,7 +85,7 @@ def test_in_process_envs_are_for_the_synthetic_env_only():
         ("ckpt.every=-1", "ckpt.every must be >= 0"),
         ("rollout.step_timeout_s=0", "rollout.step_timeout_s must be > 0"),
         ("rollout.videos_per_iteration=-1", "rollout.videos_per_iteration must be >= 0"),
-        ("ript.cfg_alpha=-1", "ript.cfg_alpha must be >= 0"),
+        ("ript.uncond_weight=-1", "ript.uncond_weight must be >= 0"),
         ("ript.awr_beta=0", "ript.awr_beta must be > 0"),
         ("ript.fpo_clip=0", "ript.fpo_clip must be > 0"),
         ("ript.skip_solved_after=0", "ript.skip_solved_after must be >= 1"),
@@ -117,3 +117,22 @@ def test_help_config_prints_whole_docs():
 def test_num_inference_steps_defaults_to_the_checkpoints():
     assert ExperimentCfg().model.num_inference_steps is None
     assert load_config(None, ["model.num_inference_steps=3"]).model.num_inference_steps == 3
+
+
+def test_a_renamed_key_is_read_under_its_new_name(tmp_path):
+    """ript.cfg_alpha became ript.uncond_weight ("cfg" means config in code): an earlier run's
+    config.yaml still loads, its checkpoint still resumes, and giving both names is one clear error."""
+    from ript_ds.ckpt.manager import check_config
+
+    old = tmp_path / "old.yaml"
+    old.write_text("ript:\n  cfg_alpha: 0.3\n")
+    assert load_config(old).ript.uncond_weight == 0.3
+    assert load_config(None, ["ript.cfg_alpha=0.2"]).ript.uncond_weight == 0.2
+    with pytest.raises(ConfigError, match=r"renamed to ript\.uncond_weight: give only"):
+        load_config(old, ["ript.uncond_weight=0.1"])
+    saved = load_config().to_dict()
+    saved["ript"]["cfg_alpha"] = saved["ript"].pop("uncond_weight")
+    check_config(saved, load_config().to_dict(), allow=False)  # no "config changed" error
+    saved["ript"]["cfg_alpha"] = 0.5
+    with pytest.raises(ConfigError, match=r"ript\.uncond_weight: 0\.5 -> 0\.1"):
+        check_config(saved, load_config().to_dict(), allow=False)

@@ -15,9 +15,9 @@ import pytest
 import torch
 from conftest import ROOT, load_script
 
-from ript_ds.engine.memory import GIB, Workload, ZeroCfg, model_state
+from ript_ds.memory.activations import activation_memory, parameter_inventory
+from ript_ds.memory.zero import GIB, Workload, ZeroCfg, model_state
 from ript_ds.model.arch import PI0Arch
-from ript_ds.model.memory import activation_memory, parameter_inventory
 from ript_ds.model.pi0 import PI0Policy, count_parameters, unused_parameter_names
 
 bench = load_script("tools/bench/memory_check.py")

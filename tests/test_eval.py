@@ -1,4 +1,4 @@
-"""launch/eval.py, ript_ds/evaluation.py and tools/plot_metrics.py.
+"""launch/eval.py, ript_ds/eval/ (stats, runner) and tools/plot_metrics.py.
 
 Wilson intervals below were computed by hand (z = 1.96):
   0/50:  center = (z^2/100) / (1 + z^2/50) = 0.035674, half the same   -> [0, 0.0713]
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, tiny_policy
 
-from ript_ds.evaluation import EpisodeRecord, aggregate, markdown_table, select_video_indices, wilson_interval
+from ript_ds.eval.stats import EpisodeRecord, aggregate, markdown_table, select_video_indices, wilson_interval
 from ript_ds.model.weights import save_canonical
 
 

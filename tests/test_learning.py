@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from ript_ds.learning import prepare_warm_start, ript_overrides
+from ript_ds.synthetic.learning import prepare_warm_start, ript_overrides
 
 pytestmark = pytest.mark.slow
 

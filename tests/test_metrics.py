@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ript_ds.eval.video import write_videos
 from ript_ds.metrics import TENSORBOARD_DIR, MetricsWriter, read_metrics
 from ript_ds.rl.types import Context, Episode
-from ript_ds.rl.video import write_videos
 
 
 def _scalars(run_dir) -> dict[str, list[tuple[int, float]]]:

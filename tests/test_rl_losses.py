@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ript_ds.model.pi0 import reduce_loss as flow_matching_loss_reduce
-from ript_ds.rl.losses import awr_loss, cfg_loss, fpo_loss
+from ript_ds.rl.losses import awr_loss, fpo_loss, guided_loss
 
 
 def _t(values):
@@ -48,14 +48,14 @@ def test_fm_reduce_rejects_bad_action_dim():
 # ---- cfg -----------------------------------------------------------------------------------
 
 
-def test_cfg_loss_hand_derived():
+def test_guided_loss_hand_derived():
     # real samples 0..2 (sample 3 is padding with A > 0 and a NaN loss that must not leak)
     # cond terms: 1[A>0] * loss_cond = [2, 0, 0] -> 2 / 3;  uncond: (1 + 3 + 5) / 3 = 3
     # total = 2/3 + 0.1 * 3 = 0.9666...
     lc, lu = _t([2, 4, 6, float("nan")]), _t([1, 3, 5, 7])
     adv = torch.tensor([0.5, -0.5, 0.0, 1.0], dtype=torch.float64)
     w = torch.tensor([1, 1, 1, 0], dtype=torch.float64)
-    res = cfg_loss(lc, lu, adv, alpha=0.1, weight=w)
+    res = guided_loss(lc, lu, adv, uncond_weight=0.1, weight=w)
     torch.testing.assert_close(res.loss, torch.tensor(2 / 3 + 0.3, dtype=torch.float64))
     torch.testing.assert_close(res.cond, torch.tensor(2 / 3, dtype=torch.float64))
     torch.testing.assert_close(res.uncond, torch.tensor(3.0, dtype=torch.float64))
@@ -66,19 +66,19 @@ def test_cfg_loss_hand_derived():
     torch.testing.assert_close(lu.grad, torch.tensor([0.1 / 3] * 3 + [0], dtype=torch.float64))
 
 
-def test_cfg_loss_normalizer_and_default_weight():
+def test_guided_loss_normalizer_and_default_weight():
     lc, lu = _t([2.0, 4.0]), _t([1.0, 3.0])
     adv = torch.tensor([1.0, 1.0], dtype=torch.float64)
     # no weight -> both real; normalizer 4: cond = (2 + 4) / 4 = 1.5, uncond = 4 / 4 = 1, total 1.5 + 0.5 * 1
-    res = cfg_loss(lc, lu, adv, alpha=0.5, normalizer=4.0)
+    res = guided_loss(lc, lu, adv, uncond_weight=0.5, normalizer=4.0)
     torch.testing.assert_close(res.loss, torch.tensor(2.0, dtype=torch.float64))
     with pytest.raises(ValueError):
-        cfg_loss(lc, lu, adv, normalizer=0.0)
+        guided_loss(lc, lu, adv, normalizer=0.0)
 
 
-def test_cfg_loss_all_padding_is_zero_with_grad_path():
+def test_guided_loss_all_padding_is_zero_with_grad_path():
     lc, lu = _t([2.0, 4.0]), _t([1.0, 3.0])
-    res = cfg_loss(lc, lu, torch.ones(2, dtype=torch.float64), weight=torch.zeros(2, dtype=torch.float64))
+    res = guided_loss(lc, lu, torch.ones(2, dtype=torch.float64), weight=torch.zeros(2, dtype=torch.float64))
     assert res.loss.item() == 0.0 and res.loss.requires_grad
     res.loss.backward()
     assert lc.grad.tolist() == [0.0, 0.0] and lu.grad.tolist() == [0.0, 0.0]

@@ -9,11 +9,11 @@ from conftest import tiny_policy
 from ript_ds.env.inline import InlinePool
 from ript_ds.env.pool import EnvFactory, EnvPool
 from ript_ds.env.synthetic import SyntheticEnv, expert_chunk, synthetic_tasks
+from ript_ds.eval.video import episode_frames, write_videos
 from ript_ds.model.normalization import FeatureStats, NormStats
 from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
 from ript_ds.rl.rollout import PREEMPTED, NoiseKey, RolloutRequest, collect, make_pi0_policy_fn, noise_seed
 from ript_ds.rl.types import Context
-from ript_ds.rl.video import episode_frames, write_videos
 
 TASKS = synthetic_tasks(n_tasks=3, num_init_states=10, max_steps=20)
 

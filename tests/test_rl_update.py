@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_policy
 
+from ript_ds.config import RiptCfg, TrainCfg
 from ript_ds.model.normalization import NormStats
 from ript_ds.model.pi0 import reduce_loss, sample_noise_time
 from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
 from ript_ds.rl.types import Window
-from ript_ds.rl.update import TorchBackend, UpdateCfg, plan_update, run_update, window_refs
+from ript_ds.rl.update import TorchBackend, plan_update, run_update, window_refs
 
 PROMPTS = {0: "move to the red target", 1: "move to the blue target"}
 
@@ -44,9 +46,20 @@ def windows(n: int, advantages, seed: int = 0, keyed: bool = True) -> list[Windo
     return out
 
 
+def settings(**kw) -> tuple[RiptCfg, TrainCfg]:
+    """(ript, train) config sections from one set of keywords (the update reads both)."""
+    train_keys = {f.name for f in dataclasses.fields(TrainCfg)}
+    train = TrainCfg(**{k: v for k, v in kw.items() if k in train_keys})
+    return RiptCfg(**{k: v for k, v in kw.items() if k not in train_keys}), train
+
+
+def global_plan(shards, rank, cfg: tuple[RiptCfg, TrainCfg], seed):
+    return plan_update(shards, rank, cfg[1], seed, cfg[0].loss)
+
+
 def update(policy, processor, ws, **kw):
-    cfg = UpdateCfg(**{"micro_batch_size": 4, **kw})
-    return run_update(TorchBackend(policy, lr=1e-2), policy.arch, processor, ws, PROMPTS, cfg, seed=0)
+    cfg = settings(**{"micro_batch_size": 4, **kw})
+    return run_update(TorchBackend(policy, lr=1e-2), policy.arch, processor, ws, PROMPTS, *cfg, seed=0)
 
 
 def test_cfg_conditional_term_only_for_positive_advantages(processor):
@@ -84,7 +97,7 @@ def test_zero_weight_padding_changes_nothing(processor):
         policy = tiny_policy()
         probe = GradProbe(policy)
         run_update(
-            probe, policy.arch, processor, ws, PROMPTS, UpdateCfg(loss="awr", micro_batch_size=size), 0
+            probe, policy.arch, processor, ws, PROMPTS, *settings(loss="awr", micro_batch_size=size), 0
         )
         grads.append(probe.grads[0])
     assert grads[0].keys() == grads[1].keys()
@@ -115,11 +128,11 @@ def test_every_objective_reports_its_keys_even_with_only_padding(processor):
     policy = tiny_policy()
     real = [window_refs(windows(3, [1.0]))]
     for loss in ("cfg", "awr", "fpo"):
-        cfg = UpdateCfg(loss=loss, micro_batch_size=2, fpo_samples=2)
-        plan = plan_update([[], *real], 0, cfg, seed=0)  # rank 0 of 2 holds nothing
+        cfg = settings(loss=loss, micro_batch_size=2, fpo_samples=2)
+        plan = global_plan([[], *real], 0, cfg, seed=0)  # rank 0 of 2 holds nothing
         pad = windows(1, [0.0])[0]
-        stats = run_update(GradProbe(policy, 2), policy.arch, processor, [], PROMPTS, cfg, 0, plan, pad)
-        full = run_update(GradProbe(policy), policy.arch, processor, windows(3, [1.0]), PROMPTS, cfg, 0)
+        stats = run_update(GradProbe(policy, 2), policy.arch, processor, [], PROMPTS, *cfg, 0, plan, pad)
+        full = run_update(GradProbe(policy), policy.arch, processor, windows(3, [1.0]), PROMPTS, *cfg, 0)
         assert stats.sums.keys() == full.sums.keys(), loss
         assert all(v == 0.0 for v in stats.sums.values()), (loss, stats.sums)
         assert stats.micro_steps == plan.micro_steps == 2 and stats.optimizer_steps == 1
@@ -127,11 +140,11 @@ def test_every_objective_reports_its_keys_even_with_only_padding(processor):
 
 def test_plan_is_independent_of_the_rank_layout():
     refs = window_refs(windows(11, [1.0]))
-    cfg = UpdateCfg(micro_batch_size=2, grad_accum_steps=2, epochs=2)
-    one = plan_update([refs], 0, UpdateCfg(micro_batch_size=4, grad_accum_steps=2, epochs=2), seed=3)
+    cfg = settings(micro_batch_size=2, grad_accum_steps=2, epochs=2)
+    one = global_plan([refs], 0, settings(micro_batch_size=4, grad_accum_steps=2, epochs=2), seed=3)
     # Two ranks, windows split unevenly (8 + 3), same global batch (2 x 2 x 2 = 4 x 2 x 1).
     shards = [refs[:8], refs[8:]]
-    plans = [plan_update(shards, r, cfg, seed=3) for r in (0, 1)]
+    plans = [global_plan(shards, r, cfg, seed=3) for r in (0, 1)]
     for e in range(2):
         for s, step in enumerate(one.steps[e]):
             keys_1 = sorted(refs[i].key for mb in step.micro_batches for i in mb if i >= 0)
@@ -153,8 +166,8 @@ def test_step_loss_is_the_mean_over_the_steps_windows(processor):
     of 8, 7 and 6 valid steps weigh the same."""
     policy = tiny_policy()
     ws = windows(5, [0.3, -0.2])  # valid steps 8, 7, 6, 8, 7
-    cfg = UpdateCfg(loss="awr", micro_batch_size=2, grad_accum_steps=3, awr_beta=1e9)
-    stats = run_update(GradProbe(policy), policy.arch, processor, ws, PROMPTS, cfg, seed=4)
+    cfg = settings(loss="awr", micro_batch_size=2, grad_accum_steps=3, awr_beta=1e9)
+    stats = run_update(GradProbe(policy), policy.arch, processor, ws, PROMPTS, *cfg, seed=4)
     per_window = []
     for w in ws:
         noise, t = sample_noise_time(policy.arch, 1, np.random.default_rng([4, 0, *w.key]))
@@ -173,11 +186,11 @@ def test_two_rank_gradient_equals_one_rank_however_windows_fall(processor, loss)
     """Data parallelism by hand: each rank's gradient from its own windows, averaged over ranks, equals
     the 1-rank gradient of the same global batch, even with every window on one rank."""
     ws = windows(6, [0.7, -0.4, 0.2])
-    one_cfg = UpdateCfg(loss=loss, micro_batch_size=4, fpo_samples=2)
-    two_cfg = UpdateCfg(loss=loss, micro_batch_size=2, fpo_samples=2)
+    one_cfg = settings(loss=loss, micro_batch_size=4, fpo_samples=2)
+    two_cfg = settings(loss=loss, micro_batch_size=2, fpo_samples=2)
     policy = tiny_policy()
     ref = GradProbe(copy.deepcopy(policy))
-    one = run_update(ref, policy.arch, processor, ws, PROMPTS, one_cfg, seed=5)
+    one = run_update(ref, policy.arch, processor, ws, PROMPTS, *one_cfg, seed=5)
     for split in (3, 6, 0):  # balanced, all on rank 0, all on rank 1
         shards = [ws[:split], ws[split:]]
         refs = [window_refs(s) for s in shards]
@@ -185,8 +198,8 @@ def test_two_rank_gradient_equals_one_rank_however_windows_fall(processor, loss)
         probes = []
         for r in (0, 1):
             probe = GradProbe(copy.deepcopy(policy), world_size=2)
-            plan = plan_update(refs, r, two_cfg, seed=5)
-            st = run_update(probe, policy.arch, processor, shards[r], PROMPTS, two_cfg, 5, plan, ws[0], r)
+            plan = global_plan(refs, r, two_cfg, seed=5)
+            st = run_update(probe, policy.arch, processor, shards[r], PROMPTS, *two_cfg, 5, plan, ws[0], r)
             probes.append(probe)
             totals = {k: totals.get(k, 0.0) + v for k, v in st.sums.items()}
         assert totals["loss"] / st.optimizer_steps == pytest.approx(one.loss, abs=1e-5), split
@@ -199,16 +212,16 @@ def test_two_rank_gradient_equals_one_rank_however_windows_fall(processor, loss)
 
 def test_gradient_accumulation_steps_end_the_update_on_a_step(processor):
     policy = tiny_policy()
-    cfg = UpdateCfg(loss="cfg", micro_batch_size=2, grad_accum_steps=2, epochs=2)
+    cfg = settings(loss="cfg", micro_batch_size=2, grad_accum_steps=2, epochs=2)
     ws = windows(5, [1.0, -1.0])  # 3 micro-batches per epoch: the last optimizer step has only one
-    s = run_update(TorchBackend(policy, lr=1e-3), policy.arch, processor, ws, PROMPTS, cfg, seed=0)
+    s = run_update(TorchBackend(policy, lr=1e-3), policy.arch, processor, ws, PROMPTS, *cfg, seed=0)
     assert s.micro_steps == 6 and s.optimizer_steps == 4 and s.grad_norm > 0
 
 
 def test_no_windows_and_no_padding_is_an_error(processor):
     policy = tiny_policy()
     with pytest.raises(ValueError, match="no padding window"):
-        run_update(TorchBackend(policy, lr=1e-3), policy.arch, processor, [], PROMPTS, UpdateCfg(), 0)
+        run_update(TorchBackend(policy, lr=1e-3), policy.arch, processor, [], PROMPTS, *settings(), 0)
 
 
 def test_micro_batches_are_built_on_the_backend_device(processor):
@@ -220,5 +233,7 @@ def test_micro_batches_are_built_on_the_backend_device(processor):
     mb = _Batcher(processor, PROMPTS, ws[0].as_padding(), torch.device("meta"))(
         ws, window_refs(ws), np.array([0, 2, -1])
     )
-    tensors = [mb.step_mask, mb.advantage, mb.weight, *(v for v in vars(mb.batch).values() if v is not None)]
+    inputs = mb.inputs
+    tensors = [inputs.step_mask, inputs.advantage, inputs.weight]
+    tensors += [v for v in vars(inputs.batch).values() if v is not None]
     assert {t.device.type for t in tensors} == {"meta"}

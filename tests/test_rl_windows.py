@@ -1,8 +1,11 @@
 import numpy as np
 import pytest
+import torch
 
-from ript_ds.rl.types import Context, Episode, Group, TrainBatch
-from ript_ds.rl.windows import episode_windows, groups_to_windows
+from ript_ds.model.normalization import FeatureStats, NormStats
+from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
+from ript_ds.rl.types import Context, Episode, Group
+from ript_ds.rl.windows import episode_windows, groups_to_windows, windows_batch
 
 
 def _episode(length=12, replan_every=5, success=True, failure_reason=None, ctx=None):
@@ -58,16 +61,31 @@ def test_groups_to_windows_advantages_crash_and_zero_drop():
         groups_to_windows([g0], adv, chunk_size=8)
 
 
-def test_train_batch_stacks_and_pads():
+def test_windows_batch_stacks_normalizes_and_pads(tmp_path):
+    """The one path from windows to model tensors: the Processor's batch (normalized, padded to the
+    model's 32 dims, the task's prompt) plus the loss's per-window mask, advantage and weight."""
+    tok = PromptTokenizer(build_tiny_tokenizer(tmp_path, ["reach it"]), 8)
+    stats = NormStats(
+        state=FeatureStats(np.array([1.0, 1.0]), np.array([2.0, 2.0])),
+        actions=FeatureStats(np.array([0.0, 10.0]), np.array([1.0, 10.0])),
+    )
+    processor = Processor(tok, stats, action_dim=2)
     ws = episode_windows(_episode(), advantage=-0.25, chunk_size=8)
     ws.append(ws[0].as_padding())
-    b = TrainBatch.from_windows(ws)
-    assert len(b) == 4
-    assert b.images.shape == (4, 1, 1, 1, 3) and b.actions.shape == (4, 8, 2)
-    assert b.action_mask.sum(dim=1).tolist() == [8, 7, 2, 8]
-    assert b.weights.tolist() == [1.0, 1.0, 1.0, 0.0]
-    assert b.advantages.tolist() == [-0.25, -0.25, -0.25, 0.0]
-    assert b.task_ids.tolist() == [3, 3, 3, 3]
+    b = windows_batch(processor, ws, {3: "reach it"}, "cpu")
+    assert len(b) == 4 and b.batch.images.shape == (4, 1, 3, 1, 1)
+    assert b.step_mask.sum(dim=1).tolist() == [8, 7, 2, 8]
+    assert b.weight.tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert b.advantage.tolist() == [-0.25, -0.25, -0.25, 0.0]
+    # window 1 starts at env step 5: action [5, 50] -> ((5 - 0) / 1, (50 - 10) / 10), then zero padding
+    assert b.batch.actions.shape == (4, 8, 32)
+    assert b.batch.actions[1, 0, :3].tolist() == pytest.approx([5.0, 4.0, 0.0], abs=1e-4)
+    assert b.batch.state[1, :3].tolist() == pytest.approx(
+        [0.5, 1.0, 0.0], abs=1e-4
+    )  # state [2, 3] -> ((2 - 1) / 2, (3 - 1) / 2)
+    assert torch.equal(b.batch.tokens[0], torch.from_numpy(tok.encode("reach it")[0]))
+    with pytest.raises(ValueError, match="no windows"):
+        windows_batch(processor, [], {}, "cpu")
 
 
 def test_episode_validates_shapes():

@@ -9,8 +9,8 @@ gradients, optimizer state, activations, buffers (reduce buckets + backward tran
 phase, GiB per GPU, and whether the peak fits --gpu-memory. Defaults describe the full-size PI0 (3.24 B
 parameters) on LIBERO: 3 camera slots x 256 image tokens + 48 prompt tokens, state + 50 actions, bf16
 autocast over fp32 parameters (model.dtype=bfloat16), the cfg objective (2 rows per window), 8 guided
-environments per rank in rollouts. The model is documented in ript_ds/engine/memory.py and
-ript_ds/model/memory.py and checked against CPU measurements by tools/bench/memory_check.py.
+environments per rank in rollouts. The model is documented in ript_ds.memory.zero.py and
+ript_ds.memory.activations.py and checked against CPU measurements by tools/bench/memory_check.py.
 Exit code 2 on bad input.
 """
 
@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from ript_ds.engine.memory import Workload
+from ript_ds.memory.zero import Workload
 
 DEFAULT_CONFIGS = ["ds_configs/zero2.json", "ds_configs/zero3.json", "ds_configs/zero3_offload.json"]
 ROWS_PER_WINDOW = {"cfg": 2, "awr": 1}  # cfg: both condition branches in one forward; fpo: --fpo-samples
@@ -87,9 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def estimates(arch, ds_configs: dict[str, dict], workload: Workload, lora_modes, ckpt_modes, worlds) -> list:
-    """Every combination, as engine/memory.Estimate, in table order."""
-    from ript_ds.engine.memory import ZeroCfg, estimate
-    from ript_ds.model.memory import TokenLayout, activation_memory, parameter_inventory, rollout_memory
+    """Every combination, as memory/zero.Estimate, in table order."""
+    from ript_ds.memory.activations import TokenLayout, activation_memory, parameter_inventory, rollout_memory
+    from ript_ds.memory.zero import ZeroCfg, estimate
 
     seq = TokenLayout(workload.cameras, workload.text_tokens)
     rows = workload.micro_batch * workload.rows_per_window
@@ -181,7 +181,7 @@ def as_json(rows: list, gpu_gib: float) -> list[dict]:
 
 
 def header(arch, workload: Workload, lora: bool) -> str:
-    from ript_ds.model.memory import TokenLayout, parameter_inventory
+    from ript_ds.memory.activations import TokenLayout, parameter_inventory
 
     params = parameter_inventory(arch)
     seq = TokenLayout(workload.cameras, workload.text_tokens)
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ript_ds.config import ConfigError
     from ript_ds.engine.ds_json import load_ds_json
-    from ript_ds.engine.memory import ZeroCfg
+    from ript_ds.memory.zero import ZeroCfg
     from ript_ds.model.arch import PI0Arch
 
     try:

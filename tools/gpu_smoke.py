@@ -200,7 +200,7 @@ def memory_vs_estimate(cfg, ds_path: str, measured_gib: float | None, cameras: i
     """mem/peak_gb against tools/estimate_memory.py for this config on 1 rank (never fails a section)."""
     from ript_ds.build import build_arch
     from ript_ds.engine.ds_json import load_ds_json
-    from ript_ds.engine.memory import Workload
+    from ript_ds.memory.zero import Workload
 
     spec = importlib.util.spec_from_file_location("estimate_memory", ROOT / "tools" / "estimate_memory.py")
     est = importlib.util.module_from_spec(spec)  # tools/ is not a package
@@ -214,7 +214,7 @@ def memory_vs_estimate(cfg, ds_path: str, measured_gib: float | None, cameras: i
         lora_rank=lora.rank,
         lora_target=lora.target,
         rollout_envs=cfg.rollout.num_envs,
-        guidance=cfg.ript.loss == "cfg",
+        guidance=cfg.ript.guided,
     )
     _, ds = load_ds_json(ds_path)
     [(_, e)] = est.estimates(

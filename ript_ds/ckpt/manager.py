@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ript_ds.config import ConfigError
+from ript_ds.config import ConfigError, migrate_renamed
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def config_hash(config: dict[str, Any]) -> str:
 
 def check_config(saved: dict[str, Any], current: dict[str, Any], allow: bool) -> None:
     """Resuming with a changed config is an error listing the keys, unless explicitly allowed."""
-    a, b = flatten(saved), flatten(current)
+    a, b = flatten(migrate_renamed(saved)), flatten(current)
     changed = sorted(
         k
         for k in set(a) | set(b)
@@ -253,7 +253,11 @@ class CheckpointManager:
                 saved_world,
                 self.world_size,
             )
-            client = engine.load_consolidated(path)
+            from ript_ds.engine.consolidate import client_state, fp32_state_dict
+
+            weights, states = fp32_state_dict(path)
+            engine.load_consolidated(weights)
+            client = client_state(states)
         rng_file = path / f"rng_rank{self.rank}.json"
         if rng_file.exists():
             set_rng_state(json.loads(rng_file.read_text()))

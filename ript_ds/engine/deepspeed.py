@@ -379,18 +379,14 @@ class DeepSpeedEngine:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
         return dict(client_state or {})
 
-    def load_consolidated(self, tag_dir: str | Path) -> dict[str, Any]:
-        """Resume from a checkpoint written with another world size: DeepSpeed's zero_to_fp32 rebuilds
-        the fp32 weights, which are copied into this engine's partitions. Limits: the optimizer starts
-        fresh (Adam moments and the LR-schedule step are not carried over) and LoRA runs are refused
-        (their checkpoints hold adapters only). Call on every rank; returns the client state."""
-        from ript_ds.engine.consolidate import client_state, fp32_state_dict
-
+    def load_consolidated(self, weights: Mapping[str, Tensor]) -> None:
+        """Resume from a checkpoint written with another world size: `weights` are its consolidated fp32
+        weights (engine/consolidate.fp32_state_dict), copied into this engine's partitions. Limits: the
+        optimizer starts fresh (Adam moments and the LR-schedule step are not carried over) and LoRA
+        runs are refused (their checkpoints hold adapters only). Call on every rank."""
         if self.lora.enabled:
             raise ConfigError("changing the world size on resume is not supported for LoRA runs yet")
-        weights, states = fp32_state_dict(Path(tag_dir))
         self._load_weights(self.module, weights)
-        return client_state(states)
 
     # ------------------------------------------------------------------ diagnostics
     def partition_numel(self) -> tuple[int, int]:

@@ -18,7 +18,7 @@ Keys ending in `/value` (openpi's training layout, nnx.State) are accepted as th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -126,8 +126,22 @@ def to_canonical_openpi(params: Mapping[str, np.ndarray]) -> dict[str, Tensor]:
         return p[key]
 
     out: dict[str, Tensor] = {}
+    _siglip(get, out)
+    _gemma_stacks(get, out)
+    for src, dst in _PROJ.items():
+        out[f"{dst}.weight"] = _t(get(f"{src}/kernel").T)
+        out[f"{dst}.bias"] = _t(get(f"{src}/bias"))
+    left = sorted(set(p) - used)
+    if left:
+        raise OpenpiJaxError(
+            f"openpi parameters that map to nothing (pi0.5 / pi0-FAST checkpoints are not PI0): "
+            f"{', '.join(left[:10])}{' ...' if len(left) > 10 else ''} ({len(left)} in all)"
+        )
+    return out
 
-    # ---------------------------------------------------------------- SigLIP
+
+def _siglip(get: Callable[[str], np.ndarray], out: dict[str, Tensor]) -> None:
+    """The SigLIP tower and the multi-modal projector (flax layouts -> torch Linear / Conv2d)."""
     out[CAN_VT + "embeddings.patch_embedding.weight"] = _t(
         get(IMG + "embedding/kernel").transpose(3, 2, 0, 1)
     )
@@ -155,7 +169,9 @@ def to_canonical_openpi(params: Mapping[str, np.ndarray]) -> dict[str, Tensor]:
     out["model.vlm.multi_modal_projector.linear.weight"] = _t(get(IMG + "head/kernel").T)
     out["model.vlm.multi_modal_projector.linear.bias"] = _t(get(IMG + "head/bias"))
 
-    # ---------------------------------------------------------------- Gemma stacks
+
+def _gemma_stacks(get: Callable[[str], np.ndarray], out: dict[str, Tensor]) -> None:
+    """The PaliGemma LLM (suffix "") and the action expert (suffix "_1"), stacked over layers in openpi."""
     out["model.vlm.language_model.embed_tokens.weight"] = _t(get(LLM + "embedder/input_embedding"))
     for sfx, root in (("", "model.vlm.language_model."), ("_1", "model.dit.")):
         q_all = get(f"{LLM}layers/attn/q_einsum{sfx}/w")  # (L, N, D, H)
@@ -182,19 +198,6 @@ def to_canonical_openpi(params: Mapping[str, np.ndarray]) -> dict[str, Tensor]:
             out[lay + "input_layernorm.weight"] = _t(pre_attn[i])  # (1 + scale) on both sides
             out[lay + "post_attention_layernorm.weight"] = _t(pre_ffw[i])
         out[root + "norm.weight"] = _t(get(f"{LLM}final_norm{sfx}/scale"))
-
-    # ---------------------------------------------------------------- projections
-    for src, dst in _PROJ.items():
-        out[f"{dst}.weight"] = _t(get(f"{src}/kernel").T)
-        out[f"{dst}.bias"] = _t(get(f"{src}/bias"))
-
-    left = sorted(set(p) - used)
-    if left:
-        raise OpenpiJaxError(
-            f"openpi parameters that map to nothing (pi0.5 / pi0-FAST checkpoints are not PI0): "
-            f"{', '.join(left[:10])}{' ...' if len(left) > 10 else ''} ({len(left)} in all)"
-        )
-    return out
 
 
 def flatten_tree(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:

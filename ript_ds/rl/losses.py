@@ -25,10 +25,10 @@ _MAX_LOG_RATIO = 20.0
 
 
 @dataclass
-class CfgLossResult:
-    loss: torch.Tensor  # [] total, with grad; equals cond + alpha * uncond
+class GuidedLossResult:
+    loss: torch.Tensor  # [] total, with grad; equals cond + uncond_weight * uncond
     cond: torch.Tensor  # [] detached, mean over real samples of 1[A > 0] * loss_cond
-    uncond: torch.Tensor  # [] detached, mean over real samples of loss_uncond (before alpha)
+    uncond: torch.Tensor  # [] detached, mean over real samples of loss_uncond (before its weight)
     frac_positive: torch.Tensor  # [] detached, fraction of real samples with A > 0
 
 
@@ -68,15 +68,16 @@ def _weighted_mean(
     return contrib.sum() / real.sum().clamp(min=1).to(values.dtype)
 
 
-def cfg_loss(
+def guided_loss(
     loss_cond: torch.Tensor,
     loss_uncond: torch.Tensor,
     advantage: torch.Tensor,
-    alpha: float = 0.1,
+    uncond_weight: float = 0.1,
     weight: torch.Tensor | None = None,
     normalizer: float | None = None,
-) -> CfgLossResult:
-    """CFGRL objective: L = mean_b w_b * (1[A_b > 0] * loss_cond_b + alpha * loss_uncond_b).
+) -> GuidedLossResult:
+    """Classifier-free-guidance RIPT (CFGRL, `ript.loss: cfg`):
+    L = mean_b w_b * (1[A_b > 0] * loss_cond_b + uncond_weight * loss_uncond_b).
 
     loss_cond, loss_uncond: [B] per-sample flow-matching losses with c = positive / c = none at the
     same noise and time; advantage: [B]; weight: [B], 0 for padding samples.
@@ -93,8 +94,8 @@ def cfg_loss(
     cond = _weighted_mean(cond_terms, weight, real, normalizer)
     uncond = _weighted_mean(loss_uncond, weight, real, normalizer)
     n_real = real.sum().clamp(min=1)
-    return CfgLossResult(
-        loss=cond + alpha * uncond,
+    return GuidedLossResult(
+        loss=cond + uncond_weight * uncond,
         cond=cond.detach(),
         uncond=uncond.detach(),
         frac_positive=((positive > 0) & real).sum().to(loss_cond.dtype).div(n_real).detach(),

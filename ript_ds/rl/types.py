@@ -10,11 +10,9 @@ action executed at env step i and `length == len(actions)`. Replaying an episode
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 
 @dataclass(frozen=True, order=True)
@@ -144,48 +142,4 @@ class Window:
             advantage=0.0,
             weight=0.0,
             key=None,
-        )
-
-
-@dataclass
-class TrainBatch:
-    """Stacked windows as tensors, ready for the model's input processing."""
-
-    images: torch.Tensor  # [B, N_cam, H_img, W_img, 3] uint8
-    states: torch.Tensor  # [B, S] float32
-    task_ids: torch.Tensor  # [B] int64
-    actions: torch.Tensor  # [B, H, A] float32
-    action_mask: torch.Tensor  # [B, H] bool
-    advantages: torch.Tensor  # [B] float32
-    weights: torch.Tensor  # [B] float32, 0 for padding samples
-
-    @classmethod
-    def from_windows(cls, windows: Sequence[Window]) -> TrainBatch:
-        if not windows:
-            raise ValueError("cannot build a TrainBatch from zero windows")
-        return cls(
-            images=torch.from_numpy(np.stack([w.images for w in windows])),
-            states=torch.from_numpy(np.stack([w.state for w in windows]).astype(np.float32)),
-            task_ids=torch.tensor([w.task_id for w in windows], dtype=torch.int64),
-            actions=torch.from_numpy(np.stack([w.actions for w in windows]).astype(np.float32)),
-            action_mask=torch.from_numpy(np.stack([w.action_mask for w in windows]).astype(bool)),
-            advantages=torch.tensor([w.advantage for w in windows], dtype=torch.float32),
-            weights=torch.tensor([w.weight for w in windows], dtype=torch.float32),
-        )
-
-    def __len__(self) -> int:
-        return self.task_ids.shape[0]
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> TrainBatch:
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device, non_blocking=non_blocking)
-
-        return TrainBatch(
-            images=move(self.images),
-            states=move(self.states),
-            task_ids=move(self.task_ids),
-            actions=move(self.actions),
-            action_mask=move(self.action_mask),
-            advantages=move(self.advantages),
-            weights=move(self.weights),
         )

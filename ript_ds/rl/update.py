@@ -28,7 +28,8 @@ and backward passes (collectives inside) and every update ends on an optimizer s
 are keyed by (seed, epoch, window key): the same on 1 or N ranks.
 
 Objectives (rl/losses.py, DESIGN section 3):
-- cfg: one forward of 2B rows, c=positive for the first B and c=none for the last B;
+- cfg (classifier-free-guidance RIPT, `guided_loss`): one forward of 2B rows, c=positive for the first B
+  and c=none for the last B;
 - awr: one forward with no condition, weights exp(A / beta);
 - fpo: M draws per window; the old losses are computed once, before the first epoch, from the policy
   that collected the rollouts.
@@ -38,16 +39,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ript_ds.config import GUIDED, RiptCfg, TrainCfg
 from ript_ds.model.pi0 import PI0Batch, PI0Policy, reduce_loss, sample_noise_time
 from ript_ds.model.processing import Processor
-from ript_ds.rl.losses import awr_loss, cfg_loss, fpo_loss
+from ript_ds.rl.losses import awr_loss, fpo_loss, guided_loss
 from ript_ds.rl.types import Window
+from ript_ds.rl.windows import WindowBatch, windows_batch
 
 _FPO_TAG = 1  # seeds FPO's draws, which stay fixed over the epochs (the ratio compares at the same draws)
 _PAD_TAG = 2  # seeds the draws of padding rows (their loss is masked to an exact zero)
@@ -64,23 +67,9 @@ class UpdateBackend(Protocol):
     def step(self) -> float | None: ...
 
 
-@dataclass
-class UpdateCfg:
-    loss: Literal["cfg", "awr", "fpo"] = "cfg"
-    epochs: int = 1
-    micro_batch_size: int = 8
-    grad_accum_steps: int = 1  # micro-batches per optimizer step (per rank, when windows are balanced)
-    cfg_alpha: float = 0.1
-    awr_beta: float = 1.0
-    awr_max_weight: float = 20.0
-    fpo_clip: float = 0.2
-    fpo_samples: int = 4
-    action_dim: int = 7  # real action dims (the rest of the model's 32 is padding)
-
-
 # Objective-specific means over real windows, reported as train/<key> (same keys on every rank).
 EXTRA_KEYS = {
-    "cfg": ("loss_cond", "loss_uncond"),
+    GUIDED: ("loss_cond", "loss_uncond"),
     "awr": ("awr/mean_weight", "awr/clip_frac"),
     "fpo": ("fpo/ratio", "fpo/clip_frac"),
 }
@@ -125,16 +114,19 @@ class UpdatePlan:
         return sum(len(epoch) for epoch in self.steps)
 
 
-def plan_update(shards: Sequence[Sequence[WindowRef]], rank: int, cfg: UpdateCfg, seed: int) -> UpdatePlan:
-    """The same global plan on every rank (see the module docstring); `shards[r]` are rank r's refs."""
+def plan_update(
+    shards: Sequence[Sequence[WindowRef]], rank: int, train: TrainCfg, seed: int, loss: str = GUIDED
+) -> UpdatePlan:
+    """The same global plan on every rank (see the module docstring); `shards[r]` are rank r's refs.
+    train: epochs, micro_batch_size, grad_accum_steps; loss: ript.loss (fpo adds the reference pass)."""
     owner = {ref.key: (r, i) for r, shard in enumerate(shards) for i, ref in enumerate(shard)}
     refs = sorted(ref for shard in shards for ref in shard)
     if len(owner) != len(refs):
         raise ValueError("window keys are not unique across ranks; cannot build a layout-free plan")
-    world, size = len(shards), cfg.micro_batch_size
-    per_step = size * cfg.grad_accum_steps * world
+    world, size = len(shards), train.micro_batch_size
+    per_step = size * train.grad_accum_steps * world
     steps = []
-    for epoch in range(cfg.epochs):
+    for epoch in range(train.epochs):
         order = np.random.default_rng([seed, epoch]).permutation(len(refs))
         epoch_steps = []
         for start in range(0, len(refs), per_step):
@@ -145,7 +137,7 @@ def plan_update(shards: Sequence[Sequence[WindowRef]], rank: int, cfg: UpdateCfg
             epoch_steps.append(OptimizerStep(float(len(chunk)), _split(mine, size, n_micro)))
         steps.append(epoch_steps)
     n_ref = max(1, max(-(-len(shard) // size) for shard in shards))
-    reference = _split(list(range(len(shards[rank]))), size, n_ref) if cfg.loss == "fpo" else []
+    reference = _split(list(range(len(shards[rank]))), size, n_ref) if loss == "fpo" else []
     return UpdatePlan(steps, reference, len(refs))
 
 
@@ -223,10 +215,7 @@ class TorchBackend:
 class _MicroBatch:
     index: np.ndarray  # [B] local window index, -1 for padding
     keys: list[tuple[int, int] | None]  # [B] draw keys, None for padding
-    batch: PI0Batch
-    step_mask: Tensor  # [B, H] bool
-    advantage: Tensor  # [B]
-    weight: Tensor  # [B] 1, 0 for padding
+    inputs: WindowBatch  # on the backend's device
 
     @property
     def real(self) -> int:
@@ -241,23 +230,8 @@ class _Batcher:
         self, windows: Sequence[Window], refs: Sequence[WindowRef], index: np.ndarray
     ) -> _MicroBatch:
         ws = [windows[i] if i >= 0 else self.padding for i in index]
-        batch = self.processor.batch(
-            np.stack([w.images for w in ws]),
-            np.stack([w.state for w in ws]),
-            [self.prompts[w.task_id] for w in ws],
-            np.stack([w.actions for w in ws]),
-            device=self.device,
-        )
-        masks = np.stack([w.action_mask for w in ws])
-        weight = [1.0 if i >= 0 else 0.0 for i in index]
-        return _MicroBatch(
-            index=index,
-            keys=[refs[i].key if i >= 0 else None for i in index],
-            batch=batch,
-            step_mask=torch.from_numpy(masks).to(self.device),
-            advantage=torch.tensor([w.advantage for w in ws], dtype=torch.float32, device=self.device),
-            weight=torch.tensor(weight, dtype=torch.float32, device=self.device),
-        )
+        keys = [refs[i].key if i >= 0 else None for i in index]
+        return _MicroBatch(index, keys, windows_batch(self.processor, ws, self.prompts, self.device))
 
 
 def _draws(arch, keys: Sequence[tuple[int, int] | None], entropy: Sequence[int], m: int = 1):
@@ -280,15 +254,15 @@ def _repeat(batch: PI0Batch, n: int) -> PI0Batch:
 
 
 class _Objective:
-    """One micro-batch's loss under the configured objective; the normalizer makes it a share of L_s."""
+    """One micro-batch's loss under ript.loss; the normalizer makes it a share of L_s."""
 
-    def __init__(self, backend: UpdateBackend, arch, cfg: UpdateCfg, seed: int):
-        self.backend, self.arch, self.cfg, self.seed = backend, arch, cfg, seed
+    def __init__(self, backend: UpdateBackend, arch, ript: RiptCfg, action_dim: int, seed: int):
+        self.backend, self.arch, self.ript, self.action_dim, self.seed = backend, arch, ript, action_dim, seed
         self.old: dict[tuple[int, int], Tensor] = {}  # fpo: window key -> [M] rollout-time losses
 
     def fpo_reference(self, micro_batches: Iterable[_MicroBatch]) -> None:
         """FPO's old losses at the M fixed draws per window, from the parameters before any step."""
-        m = self.cfg.fpo_samples
+        m = self.ript.fpo_samples
         with torch.no_grad():
             for mb in micro_batches:
                 losses = self._fpo_losses(mb, m)  # [B, M]
@@ -298,28 +272,32 @@ class _Objective:
 
     def _fpo_losses(self, mb: _MicroBatch, m: int) -> Tensor:
         noise, time = _draws(self.arch, mb.keys, (self.seed, _FPO_TAG), m)
-        per = self.backend.forward(_repeat(mb.batch, m), noise, time, None)
-        return reduce_loss(per, mb.step_mask.repeat(m, 1), self.cfg.action_dim).view(m, -1).T  # [B, M]
+        per = self.backend.forward(_repeat(mb.inputs.batch, m), noise, time, None)
+        return reduce_loss(per, mb.inputs.step_mask.repeat(m, 1), self.action_dim).view(m, -1).T  # [B, M]
 
     def __call__(self, mb: _MicroBatch, epoch: int, normalizer: float) -> tuple[Tensor, dict[str, float]]:
-        cfg, b = self.cfg, len(mb.index)
-        if cfg.loss == "fpo":
-            new = self._fpo_losses(mb, cfg.fpo_samples)
-            zeros = torch.zeros(cfg.fpo_samples, device=new.device)
+        ript, inputs, b = self.ript, mb.inputs, len(mb.index)
+        if ript.loss == "fpo":
+            new = self._fpo_losses(mb, ript.fpo_samples)
+            zeros = torch.zeros(ript.fpo_samples, device=new.device)
             old = torch.stack([self.old[k].to(new.device) if k is not None else zeros for k in mb.keys])
-            res = fpo_loss(new, old, mb.advantage, cfg.fpo_clip, mb.weight, normalizer)
+            res = fpo_loss(new, old, inputs.advantage, ript.fpo_clip, inputs.weight, normalizer)
             return res.loss, {"fpo/ratio": float(res.ratio_mean), "fpo/clip_frac": float(res.clip_frac)}
         noise, time = _draws(self.arch, mb.keys, (self.seed, epoch))
-        if cfg.loss == "cfg":
+        if ript.guided:
             # One forward of 2B rows: c=positive then c=none, at the same noise and time.
             cond = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)])
-            per = self.backend.forward(_repeat(mb.batch, 2), noise.repeat(2, 1, 1), time.repeat(2), cond)
-            both = reduce_loss(per, mb.step_mask.repeat(2, 1), cfg.action_dim)
-            res = cfg_loss(both[:b], both[b:], mb.advantage, cfg.cfg_alpha, mb.weight, normalizer)
+            per = self.backend.forward(_repeat(inputs.batch, 2), noise.repeat(2, 1, 1), time.repeat(2), cond)
+            both = reduce_loss(per, inputs.step_mask.repeat(2, 1), self.action_dim)
+            res = guided_loss(
+                both[:b], both[b:], inputs.advantage, ript.uncond_weight, inputs.weight, normalizer
+            )
             return res.loss, {"loss_cond": float(res.cond), "loss_uncond": float(res.uncond)}
-        per = self.backend.forward(mb.batch, noise, time, None)
-        losses = reduce_loss(per, mb.step_mask, cfg.action_dim)
-        res = awr_loss(losses, mb.advantage, cfg.awr_beta, cfg.awr_max_weight, mb.weight, normalizer)
+        per = self.backend.forward(inputs.batch, noise, time, None)
+        losses = reduce_loss(per, inputs.step_mask, self.action_dim)
+        res = awr_loss(
+            losses, inputs.advantage, ript.awr_beta, ript.awr_max_weight, inputs.weight, normalizer
+        )
         return res.loss, {"awr/mean_weight": float(res.mean_weight), "awr/clip_frac": float(res.clip_frac)}
 
 
@@ -329,7 +307,8 @@ def run_update(
     processor: Processor,
     windows: Sequence[Window],
     prompts: Mapping[int, str],
-    cfg: UpdateCfg,
+    ript: RiptCfg,
+    train: TrainCfg,
     seed: int,
     plan: UpdatePlan | None = None,
     padding: Window | None = None,
@@ -337,22 +316,23 @@ def run_update(
 ) -> UpdateStats:
     """Run `plan` (default: the single-process plan of `windows`) over this rank's `windows`.
 
+    ript: the objective and its settings (loss, uncond_weight, awr_*, fpo_*); train: epochs and batching.
     seed: the same on every rank (it shuffles and draws); padding: a shape template for the padding rows
     (default: the first window), needed when this rank has no window of its own. Returns this rank's
     shares of the totals: sum `stats.sums` over ranks before reading its properties.
     """
     refs = window_refs(windows, rank)
     if plan is None:
-        plan = plan_update([refs], 0, cfg, seed)
+        plan = plan_update([refs], 0, train, seed, ript.loss)
     padding = padding or (windows[0] if windows else None)
     if padding is None:
         raise ValueError("run_update: no windows and no padding window to keep this rank in step")
     batcher = _Batcher(processor, prompts, padding.as_padding(), backend.device)
-    objective = _Objective(backend, arch, cfg, seed)
-    if cfg.loss == "fpo":
+    objective = _Objective(backend, arch, ript, processor.action_dim, seed)
+    if ript.loss == "fpo":
         # A generator: one micro-batch on the device at a time, not the rank's every window at once.
         objective.fpo_reference(batcher(windows, refs, idx) for idx in plan.reference)
-    keys = ("loss", *EXTRA_KEYS[cfg.loss])
+    keys = ("loss", *EXTRA_KEYS[ript.loss])
     counts = {f"count/{k}": 0.0 for k in keys if not k.startswith("loss")}
     stats = UpdateStats(sums={k: 0.0 for k in (*keys, "windows")} | counts)
     norms = []

@@ -1,4 +1,4 @@
-"""Episodes -> training windows (DESIGN section 2 step 5).
+"""Episodes -> training windows (DESIGN section 2 step 5) -> model tensors (`windows_batch`).
 
 Each stored observation (one per replanning step t) becomes one window whose targets are the
 actions actually executed at env steps t .. t+H-1. Near the end of an episode fewer than H actions
@@ -11,10 +11,15 @@ by default because under the `cfg` loss an A = 0 window still trains the uncondi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+import torch
+from torch import Tensor
 
+from ript_ds.model.pi0 import PI0Batch
+from ript_ds.model.processing import Processor
 from ript_ds.rl.types import Episode, Group, Window
 
 
@@ -68,3 +73,39 @@ def groups_to_windows(
                 continue
             windows.extend(episode_windows(episode, adv, chunk_size))
     return windows
+
+
+@dataclass
+class WindowBatch:
+    """Windows as model inputs on one device: the Processor's PI0Batch (normalized actions as targets)
+    and the per-window terms of the loss."""
+
+    batch: PI0Batch
+    step_mask: Tensor  # [B, H] bool, True where the action was executed
+    advantage: Tensor  # [B] float32
+    weight: Tensor  # [B] float32, 0 for padding windows
+
+    def __len__(self) -> int:
+        return self.step_mask.shape[0]
+
+
+def windows_batch(
+    processor: Processor, windows: Sequence[Window], prompts: Mapping[int, str], device: torch.device | str
+) -> WindowBatch:
+    """The one path from windows to model tensors (the update and behaviour cloning): stacked, through
+    Processor.batch (the rollouts' path for observations), on `device`. prompts: task id -> instruction."""
+    if not windows:
+        raise ValueError("windows_batch: no windows")
+    batch = processor.batch(
+        np.stack([w.images for w in windows]),
+        np.stack([w.state for w in windows]),
+        [prompts[w.task_id] for w in windows],
+        np.stack([w.actions for w in windows]),
+        device=device,
+    )
+    return WindowBatch(
+        batch=batch,
+        step_mask=torch.from_numpy(np.stack([w.action_mask for w in windows]).astype(bool)).to(device),
+        advantage=torch.tensor([w.advantage for w in windows], dtype=torch.float32, device=device),
+        weight=torch.tensor([w.weight for w in windows], dtype=torch.float32, device=device),
+    )

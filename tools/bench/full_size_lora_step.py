@@ -37,7 +37,7 @@ from ript_ds.config import load_config
 from ript_ds.env.base import ACTION_DIM
 from ript_ds.model.pi0 import PI0Batch, reduce_loss
 from ript_ds.model.processing import PromptTokenizer, build_tiny_tokenizer
-from ript_ds.rl.losses import cfg_loss
+from ript_ds.rl.losses import guided_loss
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "launch" / "configs" / "libero_spatial_lora.yaml"
@@ -161,7 +161,7 @@ def run(args) -> dict:
     dog.phase = "forward"
     per = engine(doubled(batch), noise.repeat(2, 1, 1), t.repeat(2), cond)  # [2B, H, A]
     both = reduce_loss(per.float(), None, ACTION_DIM)
-    loss = cfg_loss(both[:b], both[b:], torch.ones(b), cfg.ript.cfg_alpha).loss
+    loss = guided_loss(both[:b], both[b:], torch.ones(b), cfg.ript.uncond_weight).loss
     marks.append(time.perf_counter())
     dog.phase = "backward"
     engine.backward(loss)

@@ -14,11 +14,11 @@ from report import write_section
 
 from ript_ds.env.inline import InlinePool
 from ript_ds.env.pool import EnvFactory, EnvPool
-from ript_ds.learning import prepare_warm_start
 from ript_ds.model.weights import load_checkpoint
-from ript_ds.rl.bc import build_synthetic_setup
 from ript_ds.rl.rollout import RolloutRequest, collect, make_pi0_policy_fn
 from ript_ds.rl.types import Context
+from ript_ds.synthetic.bc import build_synthetic_setup
+from ript_ds.synthetic.learning import prepare_warm_start
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,12 +17,12 @@ from pathlib import Path
 from report import BENCHMARKS, write_section
 
 from ript_ds.config import load_config
-from ript_ds.learning import prepare_warm_start, ript_overrides, set_threads
+from ript_ds.synthetic.learning import prepare_warm_start, ript_overrides, set_threads
 from ript_ds.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 
-SETUP_TEXT = """Set-up (ript_ds/rl/bc.py SyntheticSetup, ript_ds/learning.py): one synthetic reaching task, 1000 fixed
+SETUP_TEXT = """Set-up (ript_ds/synthetic/bc.py SyntheticSetup, ript_ds/synthetic/learning.py): one synthetic reaching task, 1000 fixed
 init states; a tiny PI0 (VLM and expert width 64, depth 2) behaviour-cloned on 900 scripted demos from init
 states 0-299, 65% of which head for a wrong target, so the clone succeeds ~35% of the time; RIPT with
 launch/configs/demo.yaml's settings (48 kept groups of K=4 per iteration, refill up to 4 rounds, 2 epochs,

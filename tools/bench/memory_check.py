@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from ript_ds.memory.activations import TokenLayout, activation_memory, parameter_inventory, rollout_memory
 from ript_ds.model.arch import GemmaArch, PI0Arch, VisionArch
-from ript_ds.model.memory import TokenLayout, activation_memory, parameter_inventory, rollout_memory
 from ript_ds.model.pi0 import PI0Batch, PI0Policy, unused_parameter_names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -308,9 +308,9 @@ def measure_model_states(world: int, cases: list[tuple[str, bool]] = ENGINE_CASE
 
 
 def estimated_state(config: str, lora: bool, world: int, rank: int):
-    """engine/memory.model_state of `rank` for a measured engine, and the Estimate (no activations)."""
-    from ript_ds.engine.memory import ZeroCfg, estimate, model_state
-    from ript_ds.model.memory import Activations
+    """memory/zero.model_state of `rank` for a measured engine, and the Estimate (no activations)."""
+    from ript_ds.memory.activations import Activations
+    from ript_ds.memory.zero import ZeroCfg, estimate, model_state
 
     arch = small_arch()
     targets = lora_targets(_meta_policy(arch), LORA_RANK) if lora else []
@@ -458,7 +458,7 @@ def main() -> None:
             "in backward; `rollout`: what the rollout phase adds (ZeRO-3's one-time full gather, autocast's "
             "bf16 copies of trainable weights, the sampling working set); `total`: the largest of the "
             "train / optimizer-step / rollout peaks; `host`: pinned CPU memory per rank under offload. "
-            "Model and assumptions: ript_ds/engine/memory.py, ript_ds/model/memory.py.",
+            "Model and assumptions: ript_ds.memory.zero.py, ript_ds.memory.activations.py.",
             f"### Validation on a small PI0 (CPU)\n\nModel: VLM width 256 / expert 128, depth 3, SigLIP 96 at "
             f"64 px, {n_params / 1e6:.2f} M parameters; 3 cameras x 16 + 12 prompt | 11 suffix tokens; bf16 "
             f"autocast as in training; ds_configs JSONs with reduce_bucket_size {BUCKET:.0e}; LoRA rank "

@@ -192,7 +192,7 @@ def bench_sequential(pi0_fn, task, args, episodes: int) -> dict:
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -210,34 +210,16 @@ def main() -> None:
     parser.add_argument("--breakdown-steps", type=int, default=10)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
-    main_workers = args.main_workers or min(os.cpu_count() or 1, max(args.workers))
-    if main_workers not in args.workers:
-        args.workers = sorted({*args.workers, main_workers})
+    args.main_workers = args.main_workers or min(os.cpu_count() or 1, max(args.workers))
+    if args.main_workers not in args.workers:
+        args.workers = sorted({*args.workers, args.main_workers})
+    return args
 
-    backend = configure_rendering()  # probe once here; workers inherit MUJOCO_GL
-    # One torch thread: the tiny model gains nothing from more, and OpenMP's spin-waiting threads stall
-    # (seconds per call, measured) when other processes hold the cores.
-    torch.set_num_threads(1)
-    task = dataclasses.replace(get_task(args.suite, args.task_id), max_steps=args.steps)
-    policy = tiny_policy(args.image_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        tok = PromptTokenizer(build_tiny_tokenizer(tmp, [task.instruction]), max_length=32)
-    proc = Processor(tok, NormStats.identity(8, 7), action_dim=7)
-    pi0 = make_pi0_policy_fn(policy, proc, device="cpu", num_steps=args.denoise_steps, guidance=None)
 
-    def pi0_fn(observations, tasks, keys):
-        return pi0(observations, tasks, keys) * 0.05  # small, finite arm motions
-
-    dummy = Observation(np.zeros((len(CAMERAS), args.image_size, args.image_size, 3), np.uint8), np.zeros(8))
-    for n in sorted({1, *args.workers}):  # warm torch up for every batch size used
-        pi0_fn([dummy] * n, [task] * n, [NoiseKey(0, Context(task.task_id, 0), 0)] * n)
-    # llvmpipe's own default is one render thread per core; set explicitly so a worker default can't hide it.
-    lp_default = str(os.cpu_count() or 1)
-    rows = [bench_pool(lp, n, pi0_fn, task, args) for lp in ("1", lp_default) for n in args.workers]
-    seq = bench_sequential(pi0_fn, task, args, episodes=main_workers)
+def report(args: argparse.Namespace, task, backend: str, rows: list[dict], seq: dict, lp_default: str) -> str:
+    """The markdown section: the table of passes, the headline and one env step's breakdown."""
+    main_workers = args.main_workers
     seq_rate = seq["steps"] / seq["seconds"]
-    print(f"sequential: {seq}", flush=True)
-
     at_main = {r["lp"]: r for r in rows if r["workers"] == main_workers}
     best_lp = "1"  # the candidate per-worker default; the LP_NUM_THREADS=cores rows are the alternative
     head = at_main[best_lp]
@@ -276,7 +258,36 @@ def main() -> None:
         f"Policy (tiny PI0, batch of {main_workers}): {head['pool'].policy_s / head['pool'].seconds:.1%} of "
         f"the pool pass; in (b) the batch-1 calls took {seq['policy_s']:.2f} s of {seq['seconds']:.2f} s.",
     ]
-    body = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    main_workers = args.main_workers
+    backend = configure_rendering()  # probe once here; workers inherit MUJOCO_GL
+    # One torch thread: the tiny model gains nothing from more, and OpenMP's spin-waiting threads stall
+    # (seconds per call, measured) when other processes hold the cores.
+    torch.set_num_threads(1)
+    task = dataclasses.replace(get_task(args.suite, args.task_id), max_steps=args.steps)
+    policy = tiny_policy(args.image_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = PromptTokenizer(build_tiny_tokenizer(tmp, [task.instruction]), max_length=32)
+    proc = Processor(tok, NormStats.identity(8, 7), action_dim=7)
+    pi0 = make_pi0_policy_fn(policy, proc, device="cpu", num_steps=args.denoise_steps, guidance=None)
+
+    def pi0_fn(observations, tasks, keys):
+        return pi0(observations, tasks, keys) * 0.05  # small, finite arm motions
+
+    dummy = Observation(np.zeros((len(CAMERAS), args.image_size, args.image_size, 3), np.uint8), np.zeros(8))
+    for n in sorted({1, *args.workers}):  # warm torch up for every batch size used
+        pi0_fn([dummy] * n, [task] * n, [NoiseKey(0, Context(task.task_id, 0), 0)] * n)
+    # llvmpipe's own default is one render thread per core; set explicitly so a worker default can't hide it.
+    lp_default = str(os.cpu_count() or 1)
+    rows = [bench_pool(lp, n, pi0_fn, task, args) for lp in ("1", lp_default) for n in args.workers]
+    seq = bench_sequential(pi0_fn, task, args, episodes=main_workers)
+    print(f"sequential: {seq}", flush=True)
+
+    body = report(args, task, backend, rows, seq, lp_default)
     print(body)
     if not args.no_write:
         write_section(

@@ -1,5 +1,5 @@
 """Per-rank memory of a DeepSpeed ZeRO engine as engine/deepspeed.py builds it (DeepSpeed 0.19), from the
-parameter inventory and activation model of model/memory.py. Pure arithmetic: no deepspeed import.
+parameter inventory and activation model of memory/activations.py. Pure arithmetic: no deepspeed import.
 
 How the engine keeps parameters (this dominates): bf16 runs as DeepSpeed's `torch_autocast`, so the model's
 parameters stay fp32 and every optimizer holds its own fp32 master partition as well (Psi = all parameters,
@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ript_ds.model.memory import BF16, FP32, Activations, ParamInfo
+from ript_ds.memory.activations import BF16, FP32, Activations, ParamInfo
 
 GIB = 2**30
 
@@ -177,7 +177,7 @@ class Estimate:
     checkpointing: bool
     world: int
     state: ModelState
-    activations: int  # forward + backward peak of one micro-batch (model/memory.Activations.peak)
+    activations: int  # forward + backward peak of one micro-batch (memory/activations.Activations.peak)
     transient: int  # during backward: gathered ZeRO-3 parameters + the largest parameter's full gradient
     step: int  # at the optimizer step, beyond params + optimizer (+ ZeRO-3's held gradients and buckets)
     step_partition: int  # bytes of one fp32 gradient partition (the flat copy made at the step)

@@ -52,6 +52,11 @@ def write_episode_video(episode: Episode, path: str | Path, fps: int = 5, max_fr
     return path
 
 
+def episode_video_name(ep: Episode) -> str:
+    outcome = "success" if ep.success else "failure"
+    return f"task{ep.context.task_id}_init{ep.context.init_state_idx}_seed{ep.seed}_{outcome}.mp4"
+
+
 def write_videos(
     episodes: Sequence[Episode], directory: str | Path, max_videos: int = 4, prefix: str = ""
 ) -> list[Path]:
@@ -59,9 +64,7 @@ def write_videos(
     directory = Path(directory)
     paths = []
     for ep in [e for e in episodes if e.images.shape[0] > 0][:max_videos]:
-        outcome = "success" if ep.success else "failure"
-        name = f"{prefix}task{ep.context.task_id}_init{ep.context.init_state_idx}_seed{ep.seed}_{outcome}.mp4"
-        paths.append(write_episode_video(ep, directory / name))
+        paths.append(write_episode_video(ep, directory / f"{prefix}{episode_video_name(ep)}"))
     logger.info("wrote %d episode videos to %s", len(paths), directory)
     return paths
 

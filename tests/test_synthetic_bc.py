@@ -12,7 +12,10 @@ import torch
 from ript_ds.env.inline import InlinePool
 from ript_ds.env.pool import EnvFactory
 from ript_ds.env.synthetic import expert_chunk
-from ript_ds.rl.bc import (
+from ript_ds.rl.rollout import RolloutRequest, collect
+from ript_ds.rl.types import Context
+from ript_ds.rl.windows import episode_windows
+from ript_ds.synthetic.bc import (
     SyntheticSetup,
     behaviour_clone,
     build_synthetic_setup,
@@ -20,9 +23,6 @@ from ript_ds.rl.bc import (
     evaluate,
     warm_start,
 )
-from ript_ds.rl.rollout import RolloutRequest, collect
-from ript_ds.rl.types import Context
-from ript_ds.rl.windows import episode_windows
 
 # Three tasks (one per colour): these tests check that the policy reads the instruction.
 SETUP = SyntheticSetup(n_tasks=3)

@@ -1,6 +1,6 @@
 """Evaluation bookkeeping, free of simulators and models: Wilson intervals, aggregation, tables.
 
-launch/eval.py runs the episodes; everything here is a pure function of per-episode records, so it
+eval/runner.py runs the episodes; everything here is a pure function of per-episode records, so it
 is unit-tested by hand.
 """
 
@@ -61,7 +61,8 @@ def aggregate(
 
     task_info: optional extra fields per (suite, task_id), e.g. name and instruction.
     A suite's `rate` pools its episodes; `mean_task_rate` averages its tasks' rates (equal with equal
-    episodes per task). The top-level `mean` averages the suites' mean_task_rate.
+    episodes per task). The top-level `mean` averages the suites' mean_task_rate; `overall` pools every
+    episode (the trainer's eval/success_rate).
     """
     records = sorted(records, key=lambda r: r.index)
     tasks: dict[tuple[str, int], list[EpisodeRecord]] = {}
@@ -81,7 +82,8 @@ def aggregate(
         summary["mean_task_rate"] = sum(r["rate"] for r in rows) / len(rows)
         suites[suite] = summary
     mean = sum(s["mean_task_rate"] for s in suites.values()) / len(suites) if suites else 0.0
-    return {"tasks": task_rows, "suites": suites, "mean": mean, "episodes": len(records)}
+    overall = _summary(sum(r.success for r in records), len(records))
+    return {"tasks": task_rows, "suites": suites, "mean": mean, "overall": overall, "episodes": len(records)}
 
 
 def select_video_indices(records: Sequence[EpisodeRecord], n: int) -> list[int]:

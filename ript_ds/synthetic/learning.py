@@ -1,6 +1,6 @@
 """The synthetic learning check shared by the test, the benchmark and `make demo`.
 
-1. Warm start: a tiny PI0 behaviour-cloned on imperfect scripted demos (rl/bc.py), saved as a
+1. Warm start: a tiny PI0 behaviour-cloned on imperfect scripted demos (synthetic/bc.py), saved as a
    canonical checkpoint with its tokenizer and normalization statistics.
 2. RIPT from that checkpoint through the real trainer (DeepSpeed engine), evaluated on held-out init
    states every few iterations (eval/success_rate; iteration 0 is the warm start itself).
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ript_ds.model.weights import save_canonical
-from ript_ds.rl.bc import SyntheticSetup, warm_start
+from ript_ds.synthetic.bc import SyntheticSetup, warm_start
 
 log = logging.getLogger(__name__)
 
@@ -62,5 +62,5 @@ def ript_overrides(warm: WarmStart, iterations: int, loss: str = "cfg", eval_eve
 
 
 def set_threads(n: int = 1) -> None:
-    """Tiny models on a shared 2-core machine run fastest on one thread (measured in rl/bc.py)."""
+    """Tiny models on a shared 2-core machine run fastest on one thread (measured in synthetic/bc.py)."""
     torch.set_num_threads(n)

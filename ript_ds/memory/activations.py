@@ -1,6 +1,6 @@
 """Analytic memory model of PI0 training: parameter inventory and activation bytes per training row.
 
-engine/memory.py adds the ZeRO accounting, tools/estimate_memory.py prints the result; both are checked
+memory/zero.py adds the ZeRO accounting, tools/estimate_memory.py prints the result; both are checked
 against measurements in tests/test_estimate_memory.py and tools/bench/memory_check.py.
 
 Parameters are counted exactly from the model definition (built on the meta device, so nothing is
@@ -341,7 +341,7 @@ def rollout_memory(arch: PI0Arch, envs: int, seq: TokenLayout = TokenLayout(), g
     """Working set of one batched sample_actions call for `envs` observations (no autograd): the prefix KV
     cache (K after RoPE in fp32, V in bf16; with guidance repeated for the two branches while the
     original is still alive) plus the widest transient of the prefix pass (one SigLIP or Gemma layer).
-    The autocast weight cache and ZeRO-3's gathered parameters are added by engine/memory.py."""
+    The autocast weight cache and ZeRO-3's gathered parameters are added by memory/zero.py."""
     p, g, v = seq.prefix(arch), arch.vlm, arch.vision
     copies = 3 if guidance else 1
     kv = copies * g.depth * envs * p * g.num_kv_heads * g.head_dim * (FP32 + BF16)

@@ -45,13 +45,14 @@ from ript_ds.env.base import ACTION_DIM, TaskSpec
 from ript_ds.env.inline import InlinePool
 from ript_ds.env.pool import EnvFactory
 from ript_ds.env.synthetic import STATE_DIM, ScriptedExpert, SyntheticEnv, synthetic_tasks
+from ript_ds.eval.runner import context_requests, run_episodes
 from ript_ds.model.arch import GemmaArch, PI0Arch, VisionArch
 from ript_ds.model.normalization import FeatureStats, NormStats
-from ript_ds.model.pi0 import PI0Batch, PI0Policy, reduce_loss, sample_noise_time
+from ript_ds.model.pi0 import PI0Policy, reduce_loss, sample_noise_time
 from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
 from ript_ds.rl.rollout import RolloutRequest, RolloutResult, collect, make_pi0_policy_fn
-from ript_ds.rl.types import Context, Episode, TrainBatch, Window
-from ript_ds.rl.windows import episode_windows
+from ript_ds.rl.types import Context, Episode
+from ript_ds.rl.windows import episode_windows, windows_batch
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class SyntheticSetup:
     state_mean: float = 0.5  # state normalization: positions in [0, 1] -> about [-1.7, 1.7]
     state_std: float = 0.3
     extra_env_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. max_step
-    # behaviour-cloning warm start (measured: see tests/test_rl_bc.py and the module docstring)
+    # behaviour-cloning warm start (measured: see tests/test_synthetic_bc.py and the module docstring)
     expert_imperfection: float = 0.65  # share of demos that head for a wrong target
     bc_steps: int = 1000  # ~30 s on one CPU thread
     bc_micro_batch: int = 32
@@ -253,18 +254,6 @@ def _expert_episode(
 
 
 # ---------------------------------------------------------------------------- behaviour cloning
-def windows_to_batch(
-    processor: Processor, windows: Sequence[Window], tasks: Sequence[TaskSpec], device: torch.device
-) -> tuple[PI0Batch, torch.Tensor]:
-    """Windows -> (PI0Batch with normalized actions, step mask [B, H]) on `device`."""
-    tb = TrainBatch.from_windows(windows)
-    prompts = [tasks[int(t)].instruction for t in tb.task_ids]
-    batch = processor.batch(
-        tb.images.numpy(), tb.states.numpy(), prompts, actions=tb.actions.numpy(), device=device
-    )
-    return batch, tb.action_mask.to(device)
-
-
 def behaviour_clone(
     policy: PI0Policy,
     processor: Processor,
@@ -289,6 +278,7 @@ def behaviour_clone(
         raise ValueError("behaviour_clone: the episodes hold no windows")
     if tasks is None:
         tasks = synthetic_tasks(max(ep.context.task_id for ep in episodes) + 1, 1)
+    prompts = {t.task_id: t.instruction for t in tasks}
     gen = torch.Generator().manual_seed(seed)
     draws = np.random.default_rng([seed, 1])
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=weight_decay)
@@ -307,10 +297,10 @@ def behaviour_clone(
             order, cursor = torch.randperm(len(windows), generator=gen), 0
         idx = order[cursor : cursor + micro_batch].tolist()
         cursor += micro_batch
-        batch, mask = windows_to_batch(processor, [windows[i] for i in idx], tasks, device)
+        inputs = windows_batch(processor, [windows[i] for i in idx], prompts, device)
         noise, t = sample_noise_time(arch, len(idx), draws)
-        per = policy.loss(batch, noise.to(device), t.to(device))
-        loss = reduce_loss(per, mask, processor.action_dim).mean()
+        per = policy.loss(inputs.batch, noise.to(device), t.to(device))
+        loss = reduce_loss(per, inputs.step_mask, processor.action_dim).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -374,29 +364,17 @@ def evaluate(
     guidance: float | None = None,
     setup: SyntheticSetup | None = None,
 ) -> float:
-    """Success rate of one episode per (task, init state), seeds `seed + i`; settings from `setup`."""
+    """Success rate of one episode per (task, init state), seeds `seed + i`, through the package's
+    evaluator (eval/runner.py) on in-process envs; settings from `setup`."""
     setup = setup or SyntheticSetup()
-    requests = [
-        RolloutRequest(Context(task.task_id, s), task, seed + i)
-        for i, (task, s) in enumerate((t, s) for t in tasks for s in init_state_indices)
-    ]
-    result = rollout_inline(
-        policy,
-        processor,
-        requests,
-        num_envs,
-        setup.replan_every,
-        setup.env_kwargs(),
-        setup.num_inference_steps,
-        guidance,
-    )
-    st = result.stats
+    contexts = [Context(t.task_id, s) for t in tasks for s in init_state_indices]
+
+    def roll_out(requests: list[RolloutRequest]) -> list[Episode]:
+        settings = (setup.replan_every, setup.env_kwargs(), setup.num_inference_steps, guidance)
+        return rollout_inline(policy, processor, requests, num_envs, *settings).episodes
+
+    result = run_episodes(roll_out, context_requests(contexts, tasks, seed), "synthetic", tasks)
     logger.info(
-        "eval: %d episodes, success %.3f, %d env steps in %.1f s (%.0f steps/s)",
-        st.episodes,
-        st.success_rate,
-        st.env_steps,
-        st.seconds,
-        st.env_steps_per_s,
+        "eval: %d episodes, success %.3f, %.1f s", len(result.records), result.success_rate, result.seconds
     )
-    return st.success_rate
+    return result.success_rate

@@ -9,6 +9,10 @@ TORCH_VERSION ?= 2.13.0
 EXTRAS ?= libero,convert,dev
 PY_DIRS := ript_ds launch tools tests
 STAMP := $(VENV)/.installed-$(shell md5sum pyproject.toml | cut -c1-12)-$(EXTRAS)
+# openpi's own client for tests/test_serving.py, in a venv of its own: openpi-client 0.1.2 pins numpy<2
+# and imports typing_extensions without declaring it.
+OPENPI_CLIENT_VENV := $(VENV)/openpi-client
+OPENPI_CLIENT := $(OPENPI_CLIENT_VENV)/.installed
 
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export PYTHONWARNINGS ?= ignore::FutureWarning,ignore::DeprecationWarning
@@ -18,7 +22,12 @@ export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install demo test lint bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(OPENPI_CLIENT)
+
+$(OPENPI_CLIENT):
+	@test -x $(OPENPI_CLIENT_VENV)/bin/python || $(PYTHON) -m venv $(OPENPI_CLIENT_VENV)
+	$(OPENPI_CLIENT_VENV)/bin/pip install -q openpi-client==0.1.2 typing_extensions
+	@touch $@
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +56,8 @@ bench: install
 	cd tools/bench && ../../$(PY) learning_curve.py
 	cd tools/bench && ../../$(PY) inline_pool.py
 	cd tools/bench && ../../$(PY) memory_check.py
+	cd tools/bench && ../../$(PY) serve_throughput.py
+	cd tools/bench && ../../$(PY) lerobot_export_size.py
 
 clean:
 	rm -rf $(VENV) .torch_extensions .pytest_cache .ruff_cache runs

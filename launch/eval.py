@@ -1,6 +1,7 @@
 """Evaluate a PI0 checkpoint with the standard LIBERO protocol (DESIGN section 5).
 
     python launch/eval.py --checkpoint runs/demo/checkpoints/latest_export --suite libero_spatial
+    python launch/eval.py --policy-server 127.0.0.1:8000 --suite libero_spatial --episodes-per-task 5
     torchrun --nproc_per_node 4 launch/eval.py --checkpoint runs/x/checkpoints --suite libero_10 --videos 6
 
 Protocol: for every task, episodes i = 0 .. N-1 (default N = 50) start from the task's fixed init
@@ -11,10 +12,13 @@ results all-gathered, so the numbers do not depend on the number of ranks or env
 --checkpoint: a canonical / lerobot / openpi-pytorch checkpoint directory, or a DeepSpeed training
 checkpoint (a tag directory, or a run's checkpoints folder with a `latest` file), which is first
 exported to a temporary directory (LoRA adapters merged into the base weights).
+--policy-server HOST:PORT instead evaluates any openpi-protocol server (launch/serve.py, or openpi's own
+scripts/serve_policy.py) with the same protocol, sending openpi's LIBERO client observation dict; results.json
+records which policy ran ("policy").
 
 Writes <out>/results.json (per task, per suite, mean, protocol, every episode), <out>/results.md and
-<out>/videos/*.mp4. Default <out>: <run>/eval/<tag> for training checkpoints, else <checkpoint>/eval.
-The evaluation itself is ript_ds/eval/ (the trainer's periodic eval runs through it too).
+<out>/videos/*.mp4. Default <out>: <run>/eval/<tag> for training checkpoints, else <checkpoint>/eval
+(a policy server: eval_server/<host>_<port>). The evaluation itself is ript_ds/eval/ (the trainer's periodic eval runs through it too).
 """
 
 from __future__ import annotations
@@ -29,7 +33,13 @@ from ript_ds.eval.checkpoint import SUITES, EvalError, EvalOptions, evaluate_che
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (see above)")
+    p.add_argument("--checkpoint", help="checkpoint directory (see above)")
+    p.add_argument(
+        "--policy-server", help="HOST:PORT of an openpi-protocol policy server, instead of --checkpoint"
+    )
+    p.add_argument(
+        "--image-size", type=int, default=224, help="--policy-server: image size sent (openpi: 224)"
+    )
     p.add_argument("--suite", required=True, help=f"one of {', '.join(SUITES)} (libero_ prefix optional)")
     p.add_argument("--tasks", default="all", help="comma-separated task ids (default: every task)")
     p.add_argument("--episodes-per-task", type=int, default=50, help="episodes per task (default 50)")

@@ -23,6 +23,7 @@ from ript_ds.config import ConfigError, ExperimentCfg
 from ript_ds.env.base import ACTION_DIM, TaskSpec
 from ript_ds.env.pool import EnvFactory
 from ript_ds.model.arch import PI0Arch
+from ript_ds.model.convention import ConventionError, PolicyConvention, load_convention
 from ript_ds.model.normalization import NormStats, load_norm_stats
 from ript_ds.model.pi0 import PI0Policy
 from ript_ds.model.processing import TOKENIZER_FILES, Processor, PromptTokenizer, build_tiny_tokenizer
@@ -115,13 +116,31 @@ def check_vocab(tokenizer: PromptTokenizer, arch: PI0Arch) -> None:
         )
 
 
-def checkpoint_norm_stats(cfg: ExperimentCfg) -> NormStats | None:
-    """The checkpoint's normalization statistics, by the one route of model/normalization.load_norm_stats
-    (the same for the trainer, whose engine built the policy, and for eval, which loads it here)."""
+def checkpoint_convention(cfg: ExperimentCfg) -> PolicyConvention | None:
+    """The checkpoint's policy convention (policy.json, or lerobot's config.json), None without one."""
     if cfg.model.checkpoint is None:
         return None
     try:
-        stats = load_norm_stats(cfg.model.checkpoint)
+        conv = load_convention(cfg.model.checkpoint)
+    except ConventionError as err:
+        raise ConfigError(f"model.checkpoint: {err}") from None
+    if conv is not None and conv.model_type != "pi0":
+        raise ConfigError(
+            f"model.checkpoint: {conv.source} is a {conv.model_type} policy; ript-ds loads pi0 checkpoints "
+            "(pi0.5 support is its own issue)"
+        )
+    return conv
+
+
+def checkpoint_norm_stats(cfg: ExperimentCfg) -> NormStats | None:
+    """The checkpoint's normalization statistics, by the one route of model/normalization.load_norm_stats
+    (the same for the trainer, whose engine built the policy, and for eval, which loads it here), in the
+    normalisation mode its policy convention names."""
+    if cfg.model.checkpoint is None:
+        return None
+    conv = checkpoint_convention(cfg)
+    try:
+        stats = load_norm_stats(cfg.model.checkpoint, mode=None if conv is None else conv.norm_mode)
     except (ValueError, OSError) as err:  # e.g. several openpi asset folders, a malformed stats file
         raise ConfigError(f"model.checkpoint: {str(err).splitlines()[0]}") from None
     if stats is None and cfg.env.kind == "libero":
@@ -166,9 +185,17 @@ def build_policy(cfg: ExperimentCfg) -> tuple[PI0Policy, NormStats | None]:
     return loaded.policy, loaded.norm_stats
 
 
+def token_limit(cfg: ExperimentCfg) -> int:
+    """A checkpoint's convention fixes the prompt length it was trained with; else model.tokenizer_max_length."""
+    conv = checkpoint_convention(cfg)
+    return (
+        cfg.model.tokenizer_max_length if conv is None or conv.max_token_len is None else conv.max_token_len
+    )
+
+
 def _load_tokenizer(path: Path, cfg: ExperimentCfg) -> PromptTokenizer:
     try:
-        return PromptTokenizer(path, cfg.model.tokenizer_max_length)
+        return PromptTokenizer(path, token_limit(cfg))
     except (OSError, RuntimeError, ValueError) as err:  # sentencepiece / tokenizers refuse a bad file
         raise ConfigError(f"tokenizer {path} cannot be read: {str(err).splitlines()[0]}") from None
 
@@ -192,12 +219,16 @@ def build_processor(
         ACTION_DIM,
         max_state_dim=arch.max_state_dim,
         max_action_dim=arch.max_action_dim,
+        convention=checkpoint_convention(cfg),
     )
 
 
-def build_env_factory(cfg: ExperimentCfg, arch: PI0Arch) -> EnvFactory:
-    """Call in the rank's process: LIBERO workers render on this rank's GPU (rollout.render_device)."""
-    size = arch.vision.image_size
+def build_env_factory(
+    cfg: ExperimentCfg, arch: PI0Arch | None = None, image_size: int | None = None
+) -> EnvFactory:
+    """Call in the rank's process: LIBERO workers render on this rank's GPU (rollout.render_device).
+    Observations come at the model's resolution (`arch`), or at `image_size` for a remote policy."""
+    size = image_size if image_size is not None else arch.vision.image_size
     if cfg.env.kind == "synthetic":
         return EnvFactory("synthetic", {"image_size": size, "difficulty": cfg.env.difficulty})
     import torch

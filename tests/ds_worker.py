@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import load_script, random_batch, tiny_policy
+from conftest import random_batch, tiny_policy
 
 from ript_ds.build import build_policy
 from ript_ds.config import EngineCfg, ExperimentCfg, LoraCfg, ModelCfg, TrainCfg
@@ -110,18 +110,18 @@ def rollout_vs_eval_actions() -> dict:
     """A bf16 run's training rollout (engine.rollout_context + the trainer's policy fn) and launch/eval.py's
     path (the checkpoint's policy on its own, dtype from the run) must give the same actions."""
     from ript_ds.env.base import Observation, TaskSpec
+    from ript_ds.eval.checkpoint import resolve_dtype  # what launch/eval.py --dtype auto applies
     from ript_ds.model.normalization import NormStats
     from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
     from ript_ds.rl.rollout import NoiseKey, make_pi0_policy_fn
     from ript_ds.rl.types import Context
 
-    eval_mod = load_script("launch/eval.py")
     task = TaskSpec("synthetic", 0, "t", "reach the red target", 10, 4)
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         (run / "checkpoints" / "iter_000001").mkdir(parents=True)
         (run / "config.yaml").write_text("model:\n  dtype: bfloat16\n")
-        dtype = eval_mod.resolve_dtype("auto", run / "checkpoints" / "iter_000001")
+        dtype = resolve_dtype("auto", run / "checkpoints" / "iter_000001")
         tok = PromptTokenizer(build_tiny_tokenizer(tmp, [task.instruction]), 16)
     proc = Processor(tok, NormStats.identity(8, 7), action_dim=7)
     rng = np.random.default_rng(0)

@@ -1,18 +1,25 @@
 """Convert an openpi JAX PI0 checkpoint (orbax `params/`) to our canonical layout (and lerobot >= 0.4).
 
-    python tools/convert_openpi_jax.py CHECKPOINT_DIR --out DIR [--lerobot-out DIR]
+    python tools/convert_openpi_jax.py CHECKPOINT_DIR --out DIR --openpi-config pi0_libero [--lerobot-out DIR]
         [--norm-stats assets/<id>/norm_stats.json] [--chunk-size 50]
+
+--openpi-config names the openpi training config the checkpoint was trained with (pi0_libero,
+pi0_libero_low_mem_finetune, ...): its policy convention (normalisation, delta actions, camera slots,
+prompt length, horizon; model/convention.py) is written to OUT/policy.json, which every ript-ds path
+applies. Without it no policy.json is written, and the checkpoint behaves like one trained by ript-ds
+(absolute actions): right only for checkpoints trained that way.
 
 CHECKPOINT_DIR is the folder that contains `params/` (a released checkpoint, or a training step folder
 whose keys end in `/value`). Normalization statistics come from --norm-stats (a norm_stats.json or a
 folder holding one) or from CHECKPOINT_DIR/assets/*/norm_stats.json. Sizes are read from the array
-shapes; the chunk size (action horizon) is not stored in the weights (pi0: 50).
+shapes; the chunk size (action horizon) is not stored in the weights (default: the config's, else 50).
 Needs the `convert` extra (jax, orbax-checkpoint, tensorstore). Exits 2 on unusable input.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -65,9 +72,12 @@ def convert(args: argparse.Namespace) -> dict:
     from ript_ds.model.pi0 import PI0Policy
     from ript_ds.model.weights import load_into, save_canonical
 
+    convention = _convention(args.openpi_config)
     params_dir = find_params(args.checkpoint)
     flat = normalize_keys(read_orbax_params(params_dir))
-    arch = arch_from_params(flat, chunk_size=args.chunk_size)
+    horizon = args.chunk_size or (convention.action_horizon if convention else None) or 50
+    arch = arch_from_params(flat, chunk_size=horizon)
+    convention = convention.with_horizon(arch.chunk_size) if convention else None
     policy = PI0Policy(arch)
     load_into(policy, to_canonical_openpi(flat), source=f"openpi JAX checkpoint {params_dir}")
     stats_src = args.norm_stats or args.checkpoint
@@ -76,7 +86,9 @@ def convert(args: argparse.Namespace) -> dict:
     stats = load_norm_stats(stats_src)
     if args.norm_stats is not None and stats is None:
         raise ConvertError(f"--norm-stats {args.norm_stats}: no norm_stats.json found there")
-    save_canonical(policy, args.out, stats)
+    if convention is not None and stats is not None and stats.mode != convention.norm_mode:
+        stats = dataclasses.replace(stats, mode=convention.norm_mode)  # the config decides, not the file
+    save_canonical(policy, args.out, stats, convention)
     if args.lerobot_out is not None:
         save_lerobot(policy, args.lerobot_out, stats)
     return {
@@ -85,7 +97,24 @@ def convert(args: argparse.Namespace) -> dict:
         "parameters": sum(p.numel() for p in policy.parameters()),
         "norm_stats": None if stats is None else stats.source,
         "arch": arch.to_dict(),
+        "policy": None if convention is None else convention.to_dict(),
     }
+
+
+def _convention(name: str | None):
+    if name is None:
+        return None
+    from ript_ds.model.convention import ConventionError, preset
+
+    try:
+        convention = preset(name)
+    except ConventionError as err:
+        raise ConvertError(f"--openpi-config: {err}") from None
+    if convention.model_type != "pi0":
+        raise ConvertError(
+            f"--openpi-config {name} is a {convention.model_type} config; this converter reads pi0"
+        )
+    return convention
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output directory (canonical layout)")
     parser.add_argument("--lerobot-out", type=Path, help="also write the lerobot >= 0.4 layout here")
     parser.add_argument("--norm-stats", type=Path, help="norm_stats.json (or a folder holding one)")
-    parser.add_argument("--chunk-size", type=int, default=50, help="action horizon (not in the weights)")
+    parser.add_argument("--openpi-config", help="openpi training config of the checkpoint, e.g. pi0_libero")
+    parser.add_argument(
+        "--chunk-size", type=int, help="action horizon (not in the weights; default: config's)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

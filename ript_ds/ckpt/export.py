@@ -3,9 +3,12 @@
 - `export_training_checkpoint`: a DeepSpeed tag written by DeepSpeedEngine.save -> canonical
   model.safetensors + pi0_arch.json (+ norm_stats.json), optionally LoRA merged (W + B A * alpha/r) and
   optionally the lerobot >= 0.4 layout. Reading the DeepSpeed files is engine/consolidate.py's job.
-- `save_lerobot`: lerobot >= 0.4 names (weights.from_canonical), normalization in a lerobot processor
-  file (`policy_preprocessor_step_0_normalizer_processor.safetensors`) and our norm_stats.json (exact mode
-  and eps; our loader prefers it), plus pi0_arch.json so sizes need no guessing when reloading.
+- `export_checkpoint` (what tools/export.py calls): that, or a canonical / lerobot / openpi PyTorch
+  directory (anything weights.load_checkpoint reads) -> the same outputs.
+- `save_lerobot`: lerobot >= 0.4 names (weights.from_canonical) plus the two unused heads lerobot loads
+  strictly, normalization in a lerobot processor file
+  (`policy_preprocessor_step_0_normalizer_processor.safetensors`) and our norm_stats.json (exact mode and
+  eps; our loader prefers it), plus pi0_arch.json so sizes need no guessing when reloading.
 - `describe`: what tools/inspect_ckpt.py prints, for canonical / lerobot / openpi PyTorch / openpi JAX
   directories and DeepSpeed checkpoints.
 """
@@ -21,14 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
-from safetensors import safe_open
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 from torch import Tensor
 
 from ript_ds.model import weights as w
 from ript_ds.model.arch import PI0Arch
+from ript_ds.model.convention import load_convention
 from ript_ds.model.normalization import STAT_NAMES, NormStats, load_norm_stats
 from ript_ds.model.pi0 import PI0Policy
 
@@ -45,10 +49,19 @@ class ExportError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ lerobot
-def save_lerobot(policy: PI0Policy, directory: str | Path, norm_stats: NormStats | None = None) -> Path:
-    """The lerobot >= 0.4 layout of `policy` (reloadable by weights.load_checkpoint)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+def lerobot_tensors(policy: PI0Policy) -> dict[str, Tensor]:
+    """Every tensor lerobot 0.6.1's PI0Policy has, under its names: `from_pretrained` loads strictly, and
+    its model builds two heads PI0 never uses, so both are written (weights.to_canonical drops exactly them):
+
+    - PaliGemma's lm_head: an exact copy of the token embedding, in its dtype. The reference ties the
+      two, and lerobot's `_fix_pytorch_state_dict_keys` copies this head over the embedding unless the
+      embedding comes later in the file's storage order (safetensors stores by dtype, then name): a bf16
+      head is stored last and replaced lerobot's embedding (measured: actions off by 1.2e-3), so only
+      the embedding's own bits are safe. A copy, because safetensors refuses tensors that share memory.
+    - the expert's lm_head: zeros, (vocab, expert width), bfloat16. PI0 has no value for it (our model
+      never allocates the expert's vocabulary; openpi's has none); zeros say so, and bf16 is the narrowest
+      dtype lerobot itself keeps weights in (strict loading checks names and shapes; copy_ casts).
+    """
     tensors = {}
     for key, value in policy.state_dict().items():
         if key in w.OURS_ONLY:
@@ -56,7 +69,26 @@ def save_lerobot(policy: PI0Policy, directory: str | Path, norm_stats: NormStats
                 log.warning("lerobot layout has no %s; the trained condition embedding is dropped", key)
             continue
         tensors[w.from_canonical(key, LEROBOT)] = value.detach().cpu().contiguous()
-    save_file(tensors, str(directory / w.CANONICAL_WEIGHTS), metadata={"format": "pt"})
+    embedding = tensors[w.from_canonical("model.vlm.language_model.embed_tokens.weight", LEROBOT)]
+    tensors[w.LEROBOT_PALIGEMMA_LM_HEAD] = embedding.clone()
+    arch = policy.arch
+    tensors[w.LEROBOT_EXPERT_LM_HEAD] = torch.zeros(arch.vocab_size, arch.expert.width, dtype=torch.bfloat16)
+    return tensors
+
+
+def save_lerobot(policy: PI0Policy, directory: str | Path, norm_stats: NormStats | None = None) -> Path:
+    """The lerobot >= 0.4 layout of `policy`, which lerobot 0.6.1's `PI0Policy.from_pretrained` loads
+    with no missing or unexpected key (lerobot_tensors: how the two unused heads are written) and
+    weights.load_checkpoint reads back. config.json carries the sizes lerobot's PI0Config takes.
+
+    The heads' cost for the full-size PI0 (PI0Arch(): vocab 257152, widths 2048 / 1024), on 12.95 GB of
+    fp32 weights: +2.107 GB (PaliGemma head, fp32) +0.527 GB (expert head, bf16) = 15.59 GB (+20%;
+    lerobot's own fp32 save is 16.11 GB); saving holds the embedding's copy (2.1 GB) in memory once.
+    Measured by tools/bench/lerobot_export_size.py (docs/benchmarks.md, "lerobot-layout export: the
+    unused heads")."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(lerobot_tensors(policy), str(directory / w.CANONICAL_WEIGHTS), metadata={"format": "pt"})
     (directory / w.CANONICAL_ARCH).write_text(json.dumps(policy.arch.to_dict(), indent=2))
     arch = policy.arch
     config = {
@@ -68,6 +100,8 @@ def save_lerobot(policy: PI0Policy, directory: str | Path, norm_stats: NormStats
         "num_inference_steps": arch.num_inference_steps,
         "min_period": arch.min_period,
         "max_period": arch.max_period,
+        # lerobot sizes SigLIP's position table from this; its default (224) fits the full-size PI0 only.
+        "image_resolution": [arch.vision.image_size, arch.vision.image_size],
     }
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     if norm_stats is not None:
@@ -86,12 +120,13 @@ def save_lerobot(policy: PI0Policy, directory: str | Path, norm_stats: NormStats
 @dataclass
 class ExportResult:
     out: Path
-    tag_dir: Path
+    tag_dir: Path | None  # the DeepSpeed tag exported; None for a plain checkpoint directory
     arch: PI0Arch
     lora: dict[str, Any] | None
     norm_stats: bool
     client_state: dict[str, Any] = field(default_factory=dict)
     lerobot_out: Path | None = None
+    layout: str = "deepspeed"  # the input's layout (weights.LAYOUTS names for plain checkpoints)
 
 
 def resolve_tag_dir(path: str | Path, tag: str | None = None) -> Path:
@@ -257,139 +292,102 @@ def export_training_checkpoint(
         w.load_into(policy, state, source=f"DeepSpeed checkpoint {tag_dir}")
     except w.CheckpointError as err:
         raise ExportError(str(err)) from None
-    stats = next((s for d in _run_dirs(tag_dir) if (s := _stats_or_none(d)) is not None), None) or base_stats
-    w.save_canonical(policy, out, stats)
+    stats = next((s for d in _run_dirs(tag_dir) if (s := stats_or_none(d)) is not None), None) or base_stats
+    convention = load_convention(base_dir) if base_dir is not None else None  # the run kept its base's
+    w.save_canonical(policy, out, stats, convention)
     result = ExportResult(
         out=Path(out),
         tag_dir=tag_dir,
         arch=arch,
         lora=lora_info,
         norm_stats=stats is not None,
-        client_state=_jsonable(client_state(states)),
+        client_state=to_jsonable(client_state(states)),
     )
     if lerobot_out is not None:
         result.lerobot_out = save_lerobot(policy, lerobot_out, stats)
+        if convention is not None:
+            convention.save(result.lerobot_out)
     return result
 
 
-def _stats_or_none(directory: Path) -> NormStats | None:
+def stats_or_none(directory: Path) -> NormStats | None:
     try:
         return load_norm_stats(directory)
     except ValueError:
         return None
 
 
-def _jsonable(obj: Any) -> Any:
+def to_jsonable(obj: Any) -> Any:
     try:
         return json.loads(json.dumps(obj, default=str))
     except (TypeError, ValueError):
         return str(obj)
 
 
-# ------------------------------------------------------------------------------------------ describe
-def _count(shapes: Mapping[str, tuple[int, ...]]) -> int:
-    return int(sum(int(np.prod(s)) for s in shapes.values()))
-
-
-def _describe_safetensors(directory: Path) -> dict[str, Any]:
-    path = directory / w.CANONICAL_WEIGHTS
-    index = path.with_name(path.name + ".index.json")
-    files = [path] if path.exists() else []
-    if not files and index.exists():
-        files = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
-    shapes: dict[str, tuple[int, ...]] = {}
-    dtypes: dict[str, int] = {}
-    for file in files:
-        with safe_open(str(file), framework="np") as f:
-            for key in f.keys():  # noqa: SIM118
-                sl = f.get_slice(key)
-                shapes[key] = tuple(sl.get_shape())
-                dtypes[sl.get_dtype()] = dtypes.get(sl.get_dtype(), 0) + _count({key: shapes[key]})
-    layout = w.detect_layout(list(shapes))
-    info: dict[str, Any] = {
-        "kind": "pi0 weights",
-        "layout": layout,
-        "parameters": _count(shapes),
-        "tensors": len(shapes),
-        "dtypes": dtypes,
-    }
-    if (directory / w.CANONICAL_ARCH).exists():
-        info["arch"] = json.loads((directory / w.CANONICAL_ARCH).read_text())
-    stats = _stats_or_none(directory)
-    info["norm_stats"] = None if stats is None else {"mode": stats.mode, "source": stats.source}
-    return info
-
-
-def _describe_openpi(params_dir: Path) -> dict[str, Any]:
-    meta = json.loads((params_dir / "_METADATA").read_text())["tree_metadata"]
-    shapes = {}
-    for entry in meta.values():
-        key = "/".join(str(k["key"]) for k in entry["key_metadata"])
-        shapes[key] = tuple(entry["value_metadata"].get("write_shape") or ())
-    train_layout = any(k.endswith("/value") for k in shapes)
-    return {
-        "kind": "openpi JAX (orbax)",
-        "layout": "openpi-jax (training, /value)" if train_layout else "openpi-jax (released)",
-        "parameters": _count(shapes),
-        "tensors": len(shapes),
-        "convert": "python tools/convert_openpi_jax.py " + str(params_dir.parent),
-    }
-
-
-def _describe_deepspeed(tag_dir: Path) -> dict[str, Any]:
-    from ript_ds.engine.consolidate import client_state, fp32_state_dict, zero_stage
-
-    state, states = fp32_state_dict(tag_dir)
-    lora = [k for k in state if ".lora_A" in k]
-    info: dict[str, Any] = {
-        "kind": "DeepSpeed training checkpoint",
-        "layout": f"deepspeed (ZeRO-{zero_stage(states)})",
-        "tag": tag_dir.name,
-        "global_steps": states.get("global_steps"),
-        "parameters_saved": _count({k: tuple(v.shape) for k, v in state.items()}),
-        "dtypes": {"float32": _count({k: tuple(v.shape) for k, v in state.items()})},
-    }
-    shapes = states.get("param_shapes")
-    if shapes:  # trainable parameters as ZeRO saw them (list of {name: shape} groups)
-        groups = shapes if isinstance(shapes, list) else [shapes]
-        info["parameters_trainable"] = sum(_count({n: tuple(s) for n, s in g.items()}) for g in groups)
-    frozen = states.get("frozen_param_shapes")
-    if frozen:
-        info["parameters_frozen"] = _count({n: tuple(s) for n, s in frozen.items()})
-    if lora:
-        cfg_file = tag_dir / ADAPTER_DIR / "adapter_config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
-        targets = sorted({k.split(".lora_A")[0].rsplit(".", 1)[-1] for k in lora})
-        info["lora"] = {
-            "rank": cfg.get("r", int(state[lora[0]].shape[0])),
-            "alpha": cfg.get("lora_alpha"),
-            "modules": len(lora),
-            "targets": targets,
-        }
-    else:
-        info["lora"] = None
-    cs = client_state(states)
-    if cs:
-        info["client_state"] = _jsonable(cs)
-    return info
-
-
-def describe(path: str | Path) -> dict[str, Any]:
-    """Layout, parameter counts, dtypes, LoRA and saved training state of any checkpoint we know."""
+def export_checkpoint(
+    path: str | Path,
+    out: str | Path,
+    *,
+    tag: str | None = None,
+    base: str | Path | None = None,
+    arch_file: str | Path | None = None,
+    merge: bool = False,
+    lerobot_out: str | Path | None = None,
+) -> ExportResult:
+    """Any loadable checkpoint directory -> canonical `out` (and the lerobot layout at `lerobot_out`): a
+    DeepSpeed training checkpoint (export_training_checkpoint; `tag`, `base` and `merge` are its options)
+    or a canonical / lerobot / openpi PyTorch directory (weights.load_checkpoint: its norm stats and
+    arch are kept; `arch_file` replaces the arch it would read or infer)."""
     from ript_ds.engine.consolidate import model_states_file
 
     path = Path(path)
-    if not path.exists():
-        raise ExportError(f"{path} does not exist")
-    if path.is_dir() and model_states_file(path) is not None:
-        return _describe_deepspeed(path)
-    if path.is_dir() and (path / "latest").is_file():
-        return _describe_deepspeed(resolve_tag_dir(path))
-    for params in (path / "params", path):
-        if (params / "_METADATA").is_file():
-            return _describe_openpi(params)
-    if (path / w.CANONICAL_WEIGHTS).exists() or (path / (w.CANONICAL_WEIGHTS + ".index.json")).exists():
-        return _describe_safetensors(path)
-    raise ExportError(
-        f"{path}: no model.safetensors, openpi params/ or DeepSpeed checkpoint files; nothing to describe"
+    if not path.is_dir():
+        raise ExportError(f"checkpoint directory {path} does not exist")
+    if tag is not None or model_states_file(path) is not None or (path / "latest").is_file():
+        return export_training_checkpoint(
+            path, out, tag=tag, base=base, arch_file=arch_file, merge=merge, lerobot_out=lerobot_out
+        )
+    weights = path / w.CANONICAL_WEIGHTS
+    if not (weights.exists() or weights.with_name(weights.name + ".index.json").exists()):
+        if (path / "params" / "_METADATA").is_file():
+            raise ExportError(
+                f"{path} is an openpi JAX checkpoint: convert it with tools/convert_openpi_jax.py"
+            )
+        raise ExportError(
+            f"{path}: nothing to export; expected a DeepSpeed training checkpoint (a tag directory, or a "
+            f"checkpoints folder with `latest` or --tag) or a PI0 checkpoint directory ({w.CANONICAL_WEIGHTS})"
+        )
+    if base is not None:
+        raise ExportError(f"--base is for LoRA training checkpoints; {path} is a plain PI0 checkpoint")
+    for target in (out, lerobot_out):
+        if target is not None and Path(target).resolve() == path.resolve():
+            raise ExportError(f"the output directory {target} is the input checkpoint; choose another")
+    return _export_plain(path, Path(out), Path(arch_file) if arch_file else None, lerobot_out)
+
+
+def _export_plain(
+    path: Path, out: Path, arch_file: Path | None, lerobot_out: str | Path | None
+) -> ExportResult:
+    try:
+        arch = PI0Arch.from_dict(json.loads(arch_file.read_text())) if arch_file else None
+    except (OSError, json.JSONDecodeError, TypeError, ValueError) as err:
+        raise ExportError(f"--arch {arch_file} is no readable PI0 architecture: {err}") from None
+    try:
+        loaded = w.load_checkpoint(path, arch)
+    except w.CheckpointError as err:
+        raise ExportError(str(err)) from None
+    convention = load_convention(path)  # policy.json, or a lerobot config.json: kept with the weights
+    w.save_canonical(loaded.policy, out, loaded.norm_stats, convention)
+    result = ExportResult(
+        out=out,
+        tag_dir=None,
+        arch=loaded.policy.arch,
+        lora=None,
+        norm_stats=loaded.norm_stats is not None,
+        layout=loaded.layout,
     )
+    if lerobot_out is not None:
+        result.lerobot_out = save_lerobot(loaded.policy, lerobot_out, loaded.norm_stats)
+        if convention is not None:
+            convention.save(result.lerobot_out)
+    return result

@@ -41,8 +41,10 @@ class EvalError(ValueError):
 class EvalOptions:
     """What launch/eval.py's flags say (see its --help)."""
 
-    checkpoint: str
+    checkpoint: str | None  # exactly one of checkpoint and policy_server
     suite: str
+    policy_server: str | None = None  # HOST:PORT of an openpi-protocol server to evaluate instead
+    image_size: int = 224  # with policy_server: the resolution sent (openpi's client: 224)
     tasks: str = "all"  # comma-separated task ids or "all"
     episodes_per_task: int = 50
     num_envs: int = 2
@@ -104,13 +106,26 @@ def parse_guidance(text: str) -> float | None:
 
 def check_options(opts: EvalOptions) -> None:
     """Every input error before any process group or env starts."""
+    if (opts.checkpoint is None) == (opts.policy_server is None):
+        raise EvalError("give --checkpoint DIR or --policy-server HOST:PORT (exactly one)")
+    if opts.policy_server is not None:
+        from ript_ds.serving.client import parse_address
+
+        try:
+            parse_address(opts.policy_server)
+        except ValueError as err:
+            raise EvalError(f"--policy-server: {err}") from None
     checks = [
         (opts.episodes_per_task < 1, "--episodes-per-task must be >= 1"),
+        (opts.image_size < 8, "--image-size must be >= 8"),
         (opts.num_envs < 1, "--num-envs must be >= 1"),
         (opts.videos < 0, "--videos must be >= 0"),
         (opts.max_steps is not None and opts.max_steps < 1, "--max-steps must be >= 1"),
         (opts.camera_size < 8, "--camera-size must be >= 8"),
-        (not Path(opts.checkpoint).is_dir(), f"checkpoint directory {opts.checkpoint} does not exist"),
+        (
+            opts.checkpoint and not Path(opts.checkpoint).is_dir(),
+            f"checkpoint directory {opts.checkpoint} does not exist",
+        ),
         (
             opts.tokenizer is not None and not Path(opts.tokenizer).exists(),
             f"tokenizer {opts.tokenizer} does not exist",
@@ -129,8 +144,8 @@ def check_options(opts: EvalOptions) -> None:
             raise EvalError(message)
     from ript_ds.model.weights import CANONICAL_WEIGHTS, CheckpointError, inspect_checkpoint
 
-    weights = Path(opts.checkpoint) / CANONICAL_WEIGHTS
-    if weights.exists() or weights.with_name(weights.name + ".index.json").exists():
+    weights = Path(opts.checkpoint or "") / CANONICAL_WEIGHTS
+    if (opts.checkpoint and weights.exists()) or weights.with_name(weights.name + ".index.json").exists():
         try:  # headers only: a corrupt or truncated file fails here, before any process group
             inspect_checkpoint(opts.checkpoint)
         except CheckpointError as err:
@@ -185,11 +200,12 @@ def default_out(checkpoint: Path, tag_dir: Path | None) -> Path:
     return tag_dir / "eval"
 
 
-def build_cfg(opts: EvalOptions, suite: str, task_ids: list[int], checkpoint: Path, scratch: Path):
+def build_cfg(opts: EvalOptions, suite: str, task_ids: list[int], checkpoint: Path | None, scratch: Path):
     from ript_ds.config import ExperimentCfg
 
     cfg = ExperimentCfg(output_dir=str(scratch), run_name="eval")  # run_dir holds the tiny tokenizer
-    cfg.model = replace(cfg.model, checkpoint=str(checkpoint), tokenizer_path=opts.tokenizer)
+    checkpoint = None if checkpoint is None else str(checkpoint)
+    cfg.model = replace(cfg.model, checkpoint=checkpoint, tokenizer_path=opts.tokenizer)
     if opts.num_inference_steps is not None:
         cfg.model = replace(cfg.model, num_inference_steps=opts.num_inference_steps)
     cfg.env = replace(
@@ -218,7 +234,8 @@ def evaluate_checkpoint(opts: EvalOptions) -> dict[str, Any]:
         dist.init_distributed(backend="gloo")  # results travel as objects; the policy stays per rank
     try:
         with tempfile.TemporaryDirectory(prefix=f"ript_eval_r{dist.rank()}_") as tmp:
-            summary = _evaluate(opts, suite, task_ids, Path(tmp))
+            run = _evaluate if opts.policy_server is None else _evaluate_server
+            summary = run(opts, suite, task_ids, Path(tmp))
             dist.barrier("eval done")
     finally:
         if multi:
@@ -250,30 +267,88 @@ def _evaluate(opts: EvalOptions, suite: str, task_ids: list[int], scratch: Path)
     policy = comp.policy.to(device).eval()
     dtype = resolve_dtype(opts.dtype, tag_dir)
     requests = runner.protocol_requests(comp.tasks, opts.episodes_per_task)
-    log.info(
-        "eval %s tasks %s: %d episodes over %d ranks, %d envs per rank, guidance %s, %s, %s",
-        *(suite, task_ids, len(requests), dist.world_size(), opts.num_envs, opts.guidance, device, dtype),
-    )
+    setting = f"{dist.world_size()} ranks x {opts.num_envs} envs, guidance {opts.guidance}, {dtype}"
+    # the device comes last: tools/gpu_smoke.py reads it from this line
+    log.info("eval %s tasks %s: %d episodes, %s, %s", suite, task_ids, len(requests), setting, device)
     roll_out = _roll_out(policy, comp, opts, device, dtype)
     result = runner.run_episodes(roll_out, requests, suite, comp.tasks)
     runner.write_videos(result, out / "videos", opts.videos)
-    result.summary["protocol"] = {
+    result.summary["protocol"] = _protocol(opts, suite, task_ids, comp.tasks) | {
+        "guidance": opts.guidance,
+        "dtype": dtype,
+        "num_inference_steps": policy.arch.num_inference_steps,  # what sampled: build.arch_overrides
+    }
+    result.summary["policy"] = {"kind": "checkpoint", "checkpoint": str(Path(opts.checkpoint).resolve())}
+    result.summary["checkpoint"] = str(Path(opts.checkpoint).resolve())
+    result.summary["exported_from"] = str(tag_dir) if tag_dir else None
+    runner.write_results(result, out, f"{suite} evaluation of {(tag_dir or Path(opts.checkpoint)).name}")
+    return result.summary
+
+
+def _protocol(opts: EvalOptions, suite: str, task_ids: list[int], tasks) -> dict[str, Any]:
+    from ript_ds.engine import dist
+    from ript_ds.eval import runner
+
+    return {
         "description": PROTOCOL.format(seed=runner.EVAL_SEED),
         "suite": suite,
         "task_ids": task_ids,
         "episodes_per_task": opts.episodes_per_task,
         "seed": runner.EVAL_SEED,
-        "max_steps": {t.task_id: t.max_steps for t in comp.tasks},
-        "guidance": opts.guidance,
-        "dtype": dtype,
-        "num_inference_steps": policy.arch.num_inference_steps,  # what sampled: build.arch_overrides
+        "max_steps": {t.task_id: t.max_steps for t in tasks},
         "camera_size": opts.camera_size if suite != "synthetic" else None,
         "ranks": dist.world_size(),
         "num_envs_per_rank": opts.num_envs,
     }
-    result.summary["checkpoint"] = str(Path(opts.checkpoint).resolve())
-    result.summary["exported_from"] = str(tag_dir) if tag_dir else None
-    runner.write_results(result, out, f"{suite} evaluation of {(tag_dir or Path(opts.checkpoint)).name}")
+
+
+def _evaluate_server(opts: EvalOptions, suite: str, task_ids: list[int], scratch: Path) -> dict[str, Any]:
+    """The same protocol with the actions of an openpi-protocol server (ours or openpi's serve_policy.py)."""
+    from ript_ds.build import build_env_factory, build_tasks
+    from ript_ds.config import ConfigError
+    from ript_ds.env.pool import EnvPool
+    from ript_ds.eval import runner
+    from ript_ds.eval.remote import remote_policy_fn
+    from ript_ds.rl.rollout import collect
+    from ript_ds.serving.client import RemotePolicy, ServerError, parse_address
+
+    if suite == "synthetic":
+        raise EvalError(
+            "--policy-server evaluates LIBERO suites (a server's policy expects LIBERO observations)"
+        )
+    cfg = build_cfg(opts, suite, task_ids, None, scratch)
+    try:
+        tasks, factory = build_tasks(cfg), build_env_factory(cfg, image_size=opts.image_size)
+    except ConfigError as err:
+        raise EvalError(str(err)) from None
+    host, port = parse_address(opts.policy_server)
+    try:
+        clients = [RemotePolicy(host, port) for _ in range(opts.num_envs)]
+    except ServerError as err:
+        raise EvalError(str(err)) from None
+    policy_fn = remote_policy_fn(clients)
+
+    def roll_out(requests):
+        with EnvPool(factory, opts.num_envs, timeout_s=opts.step_timeout) as pool:
+            return collect(policy_fn, pool, requests).episodes
+
+    try:
+        result = runner.run_episodes(
+            roll_out, runner.protocol_requests(tasks, opts.episodes_per_task), suite, tasks
+        )
+    finally:
+        for client in clients:
+            client.close()
+    out = Path(opts.out) if opts.out else Path("eval_server") / f"{host}_{port}"
+    runner.write_videos(result, out / "videos", opts.videos)
+    result.summary["protocol"] = _protocol(opts, suite, task_ids, tasks) | {"image_size": opts.image_size}
+    result.summary["policy"] = {
+        "kind": "policy_server",
+        "address": f"{host}:{port}",
+        "metadata": clients[0].metadata,
+    }
+    result.summary["checkpoint"] = None
+    runner.write_results(result, out, f"{suite} evaluation of the policy server at {host}:{port}")
     return result.summary
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ript_ds.model.convention import ENV_CAMERAS, PolicyConvention
 from ript_ds.model.normalization import NormStats
 from ript_ds.model.pi0 import PI0Batch
 
@@ -112,6 +113,9 @@ class Processor:
     max_state_dim: int = 32
     max_action_dim: int = 32
     camera_slots: int | None = None  # pad with masked, zero images up to this many cameras
+    # the checkpoint's policy.json (model/convention.py): action frame, camera slots; None = absolute
+    # actions and the env's cameras in their order (a checkpoint trained by ript-ds without one)
+    convention: PolicyConvention | None = None
 
     def __post_init__(self) -> None:
         self._prompt_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -132,10 +136,11 @@ class Processor:
     ) -> PI0Batch:
         """images [B, N, H, W, 3] uint8, states [B, D_s] raw, actions [B, H, D_a] raw -> normalized batch
         on `device` (the caller names it: the policy's, or the engine's in training)."""
+        images, slot_masks = self._slots(images)
         b, n = images.shape[:2]
         pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 1, 4, 2, 3)
         pixels = pixels.to(torch.float32) / 255.0 * 2.0 - 1.0  # [B, N, 3, H, W] in [-1, 1]
-        masks = torch.ones(b, n, dtype=torch.bool)
+        masks = torch.from_numpy(np.broadcast_to(slot_masks, (b, n)).copy())
         if self.camera_slots is not None and self.camera_slots > n:
             extra = self.camera_slots - n
             pixels = torch.cat([pixels, torch.zeros(b, extra, *pixels.shape[2:])], dim=1)
@@ -143,8 +148,9 @@ class Processor:
         toks = [self.tokenize(p) for p in prompts]
         state = _pad(self.norm_stats.normalize(states, "state"), self.max_state_dim)
         acts = None
-        if actions is not None:
-            acts = torch.from_numpy(_pad(self.norm_stats.normalize(actions, "actions"), self.max_action_dim))
+        if actions is not None:  # executed env actions -> the model's frame (delta?), then normalised
+            framed = actions if self.convention is None else self.convention.to_model_frame(actions, states)
+            acts = torch.from_numpy(_pad(self.norm_stats.normalize(framed, "actions"), self.max_action_dim))
         return PI0Batch(
             images=pixels,
             image_masks=masks,
@@ -154,10 +160,37 @@ class Processor:
             actions=acts,
         ).to(device)
 
-    def decode_actions(self, actions: torch.Tensor) -> np.ndarray:
-        """[B, H, A] normalized, padded -> [B, H, action_dim] in environment units (float32)."""
+    def decode_actions(self, actions: torch.Tensor, states: np.ndarray | None = None) -> np.ndarray:
+        """[B, H, A] normalized, padded -> [B, H, action_dim] in environment units (float32). states [B, S]:
+        the raw observation states, needed when the convention's actions are relative to them."""
         real = actions[..., : self.action_dim].detach().float().cpu().numpy()
-        return self.norm_stats.unnormalize(real, "actions")
+        out = self.norm_stats.unnormalize(real, "actions")
+        if self.convention is None or not self.convention.delta_action_mask:
+            return out
+        if states is None:
+            raise ValueError("decode_actions: this policy's actions are relative to the state; pass states")
+        # openpi's AbsoluteActions adds the state the model saw: normalised (float32) and back.
+        seen = self.norm_stats.unnormalize(self.norm_stats.normalize(states, "state"), "state")
+        return self.convention.to_env_frame(out, seen).astype(np.float32)
+
+    def _slots(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Env cameras [B, N_env, ...] -> the convention's slots (zeros, mask False where a slot has no
+        camera) and their masks [N_slots]; without a convention the env's cameras as they come."""
+        if self.convention is None or not self.convention.image_slots:
+            return images, np.ones(images.shape[1], dtype=bool)
+        out, masks = [], []
+        for _, source in self.convention.image_slots:
+            if source is None:
+                out.append(np.zeros_like(images[:, 0]))
+            else:
+                index = ENV_CAMERAS.index(source)
+                if index >= images.shape[1]:
+                    raise ValueError(
+                        f"camera slot {source!r} needs {index + 1} cameras, got {images.shape[1]}"
+                    )
+                out.append(images[:, index])
+            masks.append(source is not None)
+        return np.stack(out, axis=1), np.array(masks)
 
 
 def _pad(x: np.ndarray, dim: int) -> np.ndarray:

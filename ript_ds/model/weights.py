@@ -8,9 +8,10 @@ Layouts (detected from the keys, mapped by explicit prefix rules, never by fuzzy
   buffers inside the weights file.
 - openpi PyTorch: the lerobot >= 0.4 names without the leading `model.`; `time_mlp_in/out` or
   `action_time_mlp_in/out`.
-The references' two `lm_head` weights are unused by PI0 and dropped by name (an automatic renaming would
-map PaliGemma's lm_head onto the input embeddings). Any other key that maps nowhere, and any expected key
-that is absent, is an error naming them (check_state, shared with the ZeRO-3 engine). Files are checked
+The references' two `lm_head` weights (and an expert token embedding, where one was saved) are unused by
+PI0 and dropped by their exact names, per layout (unused_keys; an automatic renaming would map PaliGemma's
+lm_head onto the input embeddings). Any other key that maps nowhere, and any expected key that is absent,
+is an error naming them (check_state, shared with the ZeRO-3 engine). Files are checked
 from their headers first (read_header: a truncated or corrupt download is one error), and
 inspect_checkpoint runs every check from the headers alone, before distributed init.
 """
@@ -32,6 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ript_ds.model.arch import GemmaArch, PI0Arch, VisionArch
+from ript_ds.model.convention import PolicyConvention
 from ript_ds.model.normalization import WEIGHTS_FILE, NormStats, load_norm_stats
 from ript_ds.model.pi0 import PI0Policy
 
@@ -68,26 +70,46 @@ def _rules(root: str, paligemma: str, old_lm: bool) -> list[tuple[str, str]]:
     return rules + [(root + src, dst) for src, dst in _PROJECTIONS.items()]
 
 
+def unused_keys(root: str, paligemma_lm_head: str) -> tuple[str, str, str]:
+    """The keys of a reference layout that PI0 never uses: PaliGemma's lm_head (tied to the token
+    embedding in the reference), the expert's lm_head, and the expert's token embedding (lerobot and
+    openpi set it to None; older exports may hold it). Exact names, so nothing else is dropped silently."""
+    expert = f"{root}paligemma_with_expert.gemma_expert."
+    return (
+        f"{root}paligemma_with_expert.{paligemma_lm_head}",
+        f"{expert}lm_head.weight",
+        f"{expert}model.embed_tokens.weight",
+    )
+
+
+# The two heads lerobot >= 0.4 builds and loads strictly (ckpt/export.save_lerobot writes them).
+LEROBOT_PALIGEMMA_LM_HEAD, LEROBOT_EXPERT_LM_HEAD, _ = unused_keys("model.", "paligemma.lm_head.weight")
+
+
+def _exactly(keys: Sequence[str]) -> tuple[str, ...]:
+    return tuple(rf"^{re.escape(k)}$" for k in keys)
+
+
 LAYOUTS: dict[str, tuple[str, list[tuple[str, str]], tuple[str, ...]]] = {
     # name: (signature prefix, rules, dropped key patterns)
     "lerobot>=0.4": (
         _LEROBOT_NEW + "language_model.",
         _rules("model.", _LEROBOT_NEW, old_lm=False),
-        (r"\.lm_head\.weight$", r"gemma_expert\.model\.embed_tokens\.weight$"),
+        _exactly(unused_keys("model.", "paligemma.lm_head.weight")),
     ),
     "lerobot<=0.3": (
         _LEROBOT_OLD + "language_model.model.",
         _rules("model.", _LEROBOT_OLD, old_lm=True),
+        # transformers < 4.52 kept PaliGemma's lm_head inside its language_model (a GemmaForCausalLM).
         (
-            r"\.lm_head\.weight$",
-            r"gemma_expert\.model\.embed_tokens\.weight$",
+            *_exactly(unused_keys("model.", "paligemma.language_model.lm_head.weight")),
             r"^(normalize_inputs|normalize_targets|unnormalize_outputs)\.",
         ),
     ),
     "openpi-pytorch": (
         "paligemma_with_expert.paligemma.model.language_model.",
         _rules("", "paligemma_with_expert.paligemma.model.", old_lm=False),
-        (r"\.lm_head\.weight$", r"gemma_expert\.model\.embed_tokens\.weight$"),
+        _exactly(unused_keys("", "paligemma.lm_head.weight")),
     ),
     "canonical": ("model.vlm.language_model.", [], ()),
 }
@@ -392,8 +414,14 @@ def load_checkpoint(directory: str | Path, arch: PI0Arch | None = None, **overri
     return LoadedCheckpoint(policy=policy, norm_stats=stats, layout=layout)
 
 
-def save_canonical(policy: PI0Policy, directory: str | Path, norm_stats: NormStats | None = None) -> Path:
-    """Our layout: model.safetensors (canonical keys, contiguous) + pi0_arch.json + norm_stats.json."""
+def save_canonical(
+    policy: PI0Policy,
+    directory: str | Path,
+    norm_stats: NormStats | None = None,
+    convention: PolicyConvention | None = None,
+) -> Path:
+    """Our layout: model.safetensors (canonical keys, contiguous) + pi0_arch.json + norm_stats.json, and
+    policy.json when the checkpoint has a policy convention (model/convention.py)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
@@ -401,4 +429,6 @@ def save_canonical(policy: PI0Policy, directory: str | Path, norm_stats: NormSta
     (directory / CANONICAL_ARCH).write_text(json.dumps(policy.arch.to_dict(), indent=2))
     if norm_stats is not None:
         norm_stats.save(directory)
+    if convention is not None:
+        convention.save(directory)
     return directory

@@ -257,6 +257,6 @@ def make_pi0_policy_fn(
             noise = noise * noise_scale
         with torch.no_grad(), precision(device, dtype):
             actions = policy.sample_actions(batch, noise, num_steps, guidance)
-        return processor.decode_actions(actions)  # [n, H, action_dim]
+        return processor.decode_actions(actions, states)  # [n, H, action_dim], env frame
 
     return policy_fn

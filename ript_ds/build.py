@@ -26,6 +26,7 @@ from ript_ds.model.arch import PI0Arch
 from ript_ds.model.convention import ConventionError, PolicyConvention, load_convention
 from ript_ds.model.normalization import NormStats, load_norm_stats
 from ript_ds.model.pi0 import PI0Policy
+from ript_ds.model.pi05 import make_policy
 from ript_ds.model.processing import TOKENIZER_FILES, Processor, PromptTokenizer, build_tiny_tokenizer
 from ript_ds.model.weights import CheckpointError, inspect_checkpoint, load_checkpoint
 
@@ -122,13 +123,10 @@ def checkpoint_convention(cfg: ExperimentCfg) -> PolicyConvention | None:
         return None
     try:
         conv = load_convention(cfg.model.checkpoint)
+        if conv is not None:
+            conv.check_supported()
     except ConventionError as err:
         raise ConfigError(f"model.checkpoint: {err}") from None
-    if conv is not None and conv.model_type != "pi0":
-        raise ConfigError(
-            f"model.checkpoint: {conv.source} is a {conv.model_type} policy; ript-ds loads pi0 checkpoints "
-            "(pi0.5 support is its own issue)"
-        )
     return conv
 
 
@@ -152,6 +150,12 @@ def check_model(cfg: ExperimentCfg) -> PI0Arch:
     """Before distributed init: the checkpoint's files, keys and shapes, its normalization statistics, the
     tokenizer rule and that the tokenizer fits the embedding. Raises ConfigError (one line)."""
     arch = checkpoint_arch(cfg)
+    conv = checkpoint_convention(cfg)
+    if conv is not None and conv.model_type != arch.model_type:
+        raise ConfigError(
+            f"model.checkpoint: {conv.source} describes a {conv.model_type} policy but the weights are "
+            f"{arch.model_type}; fix or remove the policy convention"
+        )
     checkpoint_norm_stats(cfg)
     path = resolve_tokenizer(cfg, arch)
     if path is not None:
@@ -174,7 +178,7 @@ class Components:
 def build_policy(cfg: ExperimentCfg) -> tuple[PI0Policy, NormStats | None]:
     """Random init of the configured arch, or a checkpoint of any supported layout."""
     if cfg.model.checkpoint is None:
-        return PI0Policy(build_arch(cfg)), None
+        return make_policy(build_arch(cfg)), None
     path = Path(cfg.model.checkpoint)
     if not path.is_dir():
         raise ConfigError(f"model.checkpoint {path} does not exist (a PI0 checkpoint directory is expected)")

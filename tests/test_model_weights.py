@@ -50,11 +50,8 @@ def as_lerobot_v03(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def as_openpi_pytorch(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {k.removeprefix("model."): v for k, v in w.items()}
-    for part in ("in", "out"):
-        for suffix in ("weight", "bias"):
-            out[f"time_mlp_{part}.{suffix}"] = out.pop(f"action_time_mlp_{part}.{suffix}")
-    return out
+    # openpi's pi0_pytorch.py names PI0's MLP action_time_mlp_* (time_mlp_* is PI0.5's, model/pi05.py)
+    return {k.removeprefix("model."): v for k, v in w.items()}
 
 
 def test_three_reference_layouts_load_to_the_same_network(tmp_path):

@@ -1,11 +1,12 @@
 """openpi's whole LIBERO policy chain (fixtures/openpi_policy_tiny_a): the observation dict openpi's client
 sends -> input transforms -> tiny pi0 -> output transforms -> env actions, against ript-ds's converter, policy
 convention and `serving.load_policy(...).infer`. Cases: A pi0_libero (delta actions), B the same model
-with delta off; C (pi05_libero, quantile) needs the pi0.5 model (its own issue) and is checked only as far
-as the convention goes. The README of the fixture lists what each mistake moves; parity is 2e-4."""
+with delta off; C (pi05_libero, quantile): its transforms around the network here, end to end through the
+pi0.5 model in tests/test_policy_openpi_pi05.py. The README of the fixture lists what each mistake moves; parity is 2e-4."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -235,3 +236,31 @@ def test_a_converted_checkpoint_served_and_evaluated_on_real_libero(converted, t
         text=True,
     )
     assert bad.returncode == 2 and "HOST:PORT" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_quantile_chain_of_pi05_libero_around_the_network(io, prompts):
+    """Case C (pi05_libero: quantile normalisation, no delta, 200 prompt tokens) on every transform around
+    the network: state in, tokens, and model_out -> env actions. The pi0.5 network is its own issue."""
+    from ript_ds.model.normalization import load_norm_stats
+    from ript_ds.model.processing import Processor, PromptTokenizer
+
+    conv = preset("pi05_libero")
+    stats = load_norm_stats(FIXTURE / "pi05_ckpt", mode=conv.norm_mode)
+    assert stats.mode == "quantile"
+    proc = Processor(
+        PromptTokenizer(FIXTURE / "tokenizer.model", conv.max_token_len), stats, 7, convention=conv
+    )
+    for scene in SCENES:
+        ref = f"pi05_libero/{scene}"
+        images = np.stack([io[f"{ref}/stage/resized_image_u8/{cam}"] for cam in CAMS[:2]])
+        state = io[f"obs/{scene}/observation/state"]
+        batch = proc.batch(images[None], state[None], [prompts[scene]], device="cpu")
+        np.testing.assert_allclose(batch.state[0].numpy(), io[f"{ref}/model_in/state"], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(batch.tokens[0].numpy(), io[f"{ref}/model_in/tokenized_prompt"])
+        assert [bool(m) for m in batch.image_masks[0]] == [True, True, False]
+        model_out = torch.from_numpy(io[f"{ref}/model_out/actions"][None])
+        actions = proc.decode_actions(model_out, state[None])[0]
+        np.testing.assert_allclose(actions, io[f"{ref}/actions"], atol=1e-5)
+        # z-score instead of quantile moves the actions (the mistake the README's table measures)
+        wrong = Processor(proc.tokenizer, dataclasses.replace(stats, mode="mean_std"), 7, convention=conv)
+        assert np.abs(wrong.decode_actions(model_out, state[None])[0] - io[f"{ref}/actions"]).max() > 1e-2

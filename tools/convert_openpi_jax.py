@@ -1,10 +1,10 @@
-"""Convert an openpi JAX PI0 checkpoint (orbax `params/`) to our canonical layout (and lerobot >= 0.4).
+"""Convert an openpi JAX PI0 or PI0.5 checkpoint (orbax `params/`) to our canonical layout (and lerobot >= 0.4).
 
     python tools/convert_openpi_jax.py CHECKPOINT_DIR --out DIR --openpi-config pi0_libero [--lerobot-out DIR]
         [--norm-stats assets/<id>/norm_stats.json] [--chunk-size 50]
 
 --openpi-config names the openpi training config the checkpoint was trained with (pi0_libero,
-pi0_libero_low_mem_finetune, ...): its policy convention (normalisation, delta actions, camera slots,
+pi0_libero_low_mem_finetune, pi05_libero, ...): its policy convention (normalisation, delta actions, camera slots,
 prompt length, horizon; model/convention.py) is written to OUT/policy.json, which every ript-ds path
 applies. Without it no policy.json is written, and the checkpoint behaves like one trained by ript-ds
 (absolute actions): right only for checkpoints trained that way.
@@ -12,7 +12,8 @@ applies. Without it no policy.json is written, and the checkpoint behaves like o
 CHECKPOINT_DIR is the folder that contains `params/` (a released checkpoint, or a training step folder
 whose keys end in `/value`). Normalization statistics come from --norm-stats (a norm_stats.json or a
 folder holding one) or from CHECKPOINT_DIR/assets/*/norm_stats.json. Sizes are read from the array
-shapes; the chunk size (action horizon) is not stored in the weights (default: the config's, else 50).
+shapes, the model type (pi0 / pi0.5) from the leaves (pi0.5's adaptive norms), never from the path; the
+chunk size (action horizon) is not stored in the weights (default: the config's, else 50).
 Needs the `convert` extra (jax, orbax-checkpoint, tensorstore). Exits 2 on unusable input.
 """
 
@@ -69,7 +70,7 @@ def convert(args: argparse.Namespace) -> dict:
     from ript_ds.ckpt.export import save_lerobot
     from ript_ds.model.normalization import load_norm_stats
     from ript_ds.model.openpi_jax import arch_from_params, normalize_keys, to_canonical_openpi
-    from ript_ds.model.pi0 import PI0Policy
+    from ript_ds.model.pi05 import make_policy
     from ript_ds.model.weights import load_into, save_canonical
 
     convention = _convention(args.openpi_config)
@@ -77,8 +78,13 @@ def convert(args: argparse.Namespace) -> dict:
     flat = normalize_keys(read_orbax_params(params_dir))
     horizon = args.chunk_size or (convention.action_horizon if convention else None) or 50
     arch = arch_from_params(flat, chunk_size=horizon)
+    if convention is not None and convention.model_type != arch.model_type:
+        raise ConvertError(
+            f"--openpi-config {args.openpi_config} is a {convention.model_type} config, but "
+            f"{params_dir} holds a {arch.model_type} model"
+        )
     convention = convention.with_horizon(arch.chunk_size) if convention else None
-    policy = PI0Policy(arch)
+    policy = make_policy(arch)
     load_into(policy, to_canonical_openpi(flat), source=f"openpi JAX checkpoint {params_dir}")
     stats_src = args.norm_stats or args.checkpoint
     if args.norm_stats is not None and args.norm_stats.is_file():
@@ -91,6 +97,8 @@ def convert(args: argparse.Namespace) -> dict:
     save_canonical(policy, args.out, stats, convention)
     if args.lerobot_out is not None:
         save_lerobot(policy, args.lerobot_out, stats)
+        if convention is not None:  # ours wins over lerobot's config.json there (export.py does the same)
+            convention.save(args.lerobot_out)
     return {
         "out": str(args.out),
         "lerobot_out": None if args.lerobot_out is None else str(args.lerobot_out),
@@ -107,14 +115,9 @@ def _convention(name: str | None):
     from ript_ds.model.convention import ConventionError, preset
 
     try:
-        convention = preset(name)
+        return preset(name)  # pi0 and pi0.5 presets; pi0-FAST is refused there
     except ConventionError as err:
         raise ConvertError(f"--openpi-config: {err}") from None
-    if convention.model_type != "pi0":
-        raise ConvertError(
-            f"--openpi-config {name} is a {convention.model_type} config; this converter reads pi0"
-        )
-    return convention
 
 
 def main(argv: list[str] | None = None) -> int:

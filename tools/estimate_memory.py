@@ -1,6 +1,6 @@
 """Per-GPU memory of PI0 + RIPT training with DeepSpeed, before you book the GPUs.
 
-    python tools/estimate_memory.py [--ds-config ds_configs/zero3.json ...] [--lora on|off|both]
+    python tools/estimate_memory.py [--ds-config ds_configs/zero3.json ...] [--lora on|off|both] [--model-type pi05]
         [--world-sizes 1,2,4,8,16] [--micro-batch 4] [--checkpointing on|off|both]
         [--gpu-memory 80] [--format md|json]
 
@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--arch", type=Path, help="pi0_arch.json (or a canonical checkpoint directory) of another PI0 size"
     )
+    p.add_argument(
+        "--model-type", choices=["pi0", "pi05"], default="pi0", help="full-size PI0 or PI0.5 (without --arch)"
+    )
     p.add_argument("--lora", choices=["on", "off", "both"], default="both")
     p.add_argument("--lora-rank", type=_positive(int), default=Workload.lora_rank, help="engine.lora.rank")
     p.add_argument(
@@ -114,10 +117,10 @@ def lora_targets(arch, workload: Workload) -> list[str]:
 
     from ript_ds.config import LoraCfg
     from ript_ds.engine.lora import lora_target_names
-    from ript_ds.model.pi0 import PI0Policy
+    from ript_ds.model.pi05 import make_policy
 
     with torch.device("meta"):
-        policy = PI0Policy(arch)
+        policy = make_policy(arch)
     return lora_target_names(
         policy, LoraCfg(enabled=True, rank=workload.lora_rank, target=workload.lora_target)
     )
@@ -186,8 +189,9 @@ def header(arch, workload: Workload, lora: bool) -> str:
     params = parameter_inventory(arch)
     seq = TokenLayout(workload.cameras, workload.text_tokens)
     n, n_train = sum(p.numel for p in params), sum(p.numel for p in params if p.trainable)
+    name = {"pi0": "PI0", "pi05": "PI0.5"}[arch.model_type]
     line = (
-        f"PI0: {n / 1e9:.3f} B parameters ({n_train / 1e9:.3f} B train in full fine-tuning); "
+        f"{name}: {n / 1e9:.3f} B parameters ({n_train / 1e9:.3f} B train in full fine-tuning); "
         f"micro-batch {workload.micro_batch} windows x {workload.rows_per_window} rows, sequence "
         f"{seq.prefix(arch)} prefix + {seq.suffix(arch)} suffix tokens; rollout {workload.rollout_envs} envs"
         f"{' x 2 guidance branches' if workload.guidance else ''}; GiB per GPU."
@@ -221,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             _, ds = load_ds_json(name)
             ZeroCfg.from_ds_config(ds)  # refuses stages other than 2 and 3
             configs[name] = ds
-        arch = _read_arch(args.arch) if args.arch else PI0Arch()
+        arch = _read_arch(args.arch) if args.arch else PI0Arch(model_type=args.model_type)
     except (ConfigError, ValueError, TypeError, OSError) as err:
         print(f"estimate_memory: {err}", file=sys.stderr)
         return 2

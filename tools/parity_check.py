@@ -1,8 +1,10 @@
-"""Check a PI0 checkpoint against reference outputs (loss per element and sampled actions).
+"""Check a PI0 or PI0.5 checkpoint against reference outputs (loss per element and sampled actions).
 
     python tools/parity_check.py --fixture ../shared/fixtures/pi0_lerobot_tiny_a
+    python tools/parity_check.py --fixture ../shared/fixtures/pi05_lerobot_tiny_a
 
-The fixture directory holds arch.json (the sizes), weights.safetensors (any layout our loader reads) and
+The fixture directory holds arch.json (the sizes; `policy_type` "pi05", or an expert with `use_adarms`,
+makes it a PI0.5), weights.safetensors (any layout our loader reads) and
 io.safetensors (image_<i>, image_mask_<i>, lang_tokens, lang_masks, state, actions, noise, time and the
 reference's loss_per_element and sampled_actions). Prints one JSON line and exits 1 when a tolerance is
 exceeded, 2 when the fixture itself is unusable.
@@ -21,6 +23,7 @@ from safetensors.torch import load_file
 
 from ript_ds.model.arch import arch_from_reference_json
 from ript_ds.model.pi0 import PI0Batch, PI0Policy
+from ript_ds.model.pi05 import make_policy
 from ript_ds.model.weights import CheckpointError, load_weights_file
 
 IO_KEYS = (
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         arch_file = args.fixture / "arch.json"
         if not arch_file.exists():
             raise FixtureError(f"{arch_file} not found; the fixture must describe its architecture")
-        policy = PI0Policy(arch_from_reference_json(json.loads(arch_file.read_text())))
+        policy = make_policy(arch_from_reference_json(json.loads(arch_file.read_text())))
         load_weights_file(policy, args.weights or args.fixture / "weights.safetensors")
         batch, io = read_io(args.fixture / "io.safetensors")
         loss_diff, action_diff = compare(policy, batch, io)
@@ -99,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parity_check: {err}", file=sys.stderr)
         return 2
     ok = loss_diff <= args.atol_loss and action_diff <= args.atol_actions
-    print(json.dumps({"loss_max_abs_diff": loss_diff, "actions_max_abs_diff": action_diff, "ok": ok}))
+    report = {"model_type": policy.arch.model_type, "loss_max_abs_diff": loss_diff}
+    print(json.dumps(report | {"actions_max_abs_diff": action_diff, "ok": ok}))
     return 0 if ok else 1
 
 

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from ript_ds.ckpt.export import ADAPTER_DIR, ExportError, resolve_tag_dir, stats_or_none, to_jsonable
 from ript_ds.model import weights as w
+from ript_ds.model.openpi_jax import model_type_of, normalize_keys
 
 
 def _count(shapes: Mapping[str, tuple[int, ...]]) -> int:
@@ -34,8 +35,11 @@ def _describe_safetensors(directory: Path) -> dict[str, Any]:
                 shapes[key] = tuple(sl.get_shape())
                 dtypes[sl.get_dtype()] = dtypes.get(sl.get_dtype(), 0) + _count({key: shapes[key]})
     layout = w.detect_layout(list(shapes))
+    canonical, _ = w.to_canonical({k: np.empty(0) for k in shapes}, layout)  # names only
+    model_type = w.detect_model_type(list(canonical))
     info: dict[str, Any] = {
-        "kind": "pi0 weights",
+        "kind": f"{model_type} weights",
+        "model_type": model_type,
         "layout": layout,
         "parameters": _count(shapes),
         "tensors": len(shapes),
@@ -57,6 +61,7 @@ def _describe_openpi(params_dir: Path) -> dict[str, Any]:
     train_layout = any(k.endswith("/value") for k in shapes)
     return {
         "kind": "openpi JAX (orbax)",
+        "model_type": model_type_of(normalize_keys(dict.fromkeys(shapes, np.empty(0)))),
         "layout": "openpi-jax (training, /value)" if train_layout else "openpi-jax (released)",
         "parameters": _count(shapes),
         "tensors": len(shapes),

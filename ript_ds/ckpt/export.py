@@ -35,6 +35,7 @@ from ript_ds.model.arch import PI0Arch
 from ript_ds.model.convention import load_convention
 from ript_ds.model.normalization import STAT_NAMES, NormStats, load_norm_stats
 from ript_ds.model.pi0 import PI0Policy
+from ript_ds.model.pi05 import make_policy
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,9 @@ def lerobot_tensors(policy: PI0Policy) -> dict[str, Tensor]:
 def save_lerobot(policy: PI0Policy, directory: str | Path, norm_stats: NormStats | None = None) -> Path:
     """The lerobot >= 0.4 layout of `policy`, which lerobot 0.6.1's `PI0Policy.from_pretrained` loads
     with no missing or unexpected key (lerobot_tensors: how the two unused heads are written) and
-    weights.load_checkpoint reads back. config.json carries the sizes lerobot's PI0Config takes.
+    weights.load_checkpoint reads back. config.json carries the sizes lerobot's PI0Config takes. A PI0.5
+    is written the same way under lerobot's PI05Policy names (`time_mlp_*`, the expert's `...dense.*`;
+    the key set equals lerobot 0.6.1's, checked against the pi05_lerobot_tiny_a fixture) with type "pi05".
 
     The heads' cost for the full-size PI0 (PI0Arch(): vocab 257152, widths 2048 / 1024), on 12.95 GB of
     fp32 weights: +2.107 GB (PaliGemma head, fp32) +0.527 GB (expert head, bf16) = 15.59 GB (+20%;
@@ -92,7 +95,7 @@ def save_lerobot(policy: PI0Policy, directory: str | Path, norm_stats: NormStats
     (directory / w.CANONICAL_ARCH).write_text(json.dumps(policy.arch.to_dict(), indent=2))
     arch = policy.arch
     config = {
-        "type": "pi0",
+        "type": arch.model_type,  # lerobot's PI0Config or PI05Config
         "chunk_size": arch.chunk_size,
         "n_action_steps": arch.chunk_size,
         "max_state_dim": arch.max_state_dim,
@@ -287,7 +290,7 @@ def export_training_checkpoint(
             "modules": len(adapters),
         }
     arch = _resolve_arch(tag_dir, Path(arch_file) if arch_file else None, base_dir, state)
-    policy = PI0Policy(arch)
+    policy = make_policy(arch)
     try:
         w.load_into(policy, state, source=f"DeepSpeed checkpoint {tag_dir}")
     except w.CheckpointError as err:

@@ -53,7 +53,8 @@ from ript_ds.engine.lora import wrap_lora
 from ript_ds.engine.schedule import LRSchedule
 from ript_ds.model.arch import PI0Arch
 from ript_ds.model.pi0 import PI0Batch, PI0Policy, unused_parameter_names
-from ript_ds.model.weights import OURS_ONLY, CheckpointError, check_state
+from ript_ds.model.pi05 import make_policy
+from ript_ds.model.weights import CheckpointError, check_state
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +200,9 @@ class DeepSpeedEngine:
         time, after the strict key and shape check that every loader shares (model/weights.check_state;
         a partitioned parameter reports its whole shape as ds_shape). Empty `weights`: a fresh policy.
 
-        The condition embedding is zeroed only under ZeRO-3 and only when `weights` lacks it: zero.Init
-        swallowed PI0's zero-init there. Below ZeRO-3 the factory's policy already holds the right values
+        The zero-initialised parameters (policy.zero_init_names: the condition embedding, PI0.5's adaptive
+        norms) are zeroed only under ZeRO-3 and only when `weights` lacks them: zero.Init swallowed the
+        policy's zero-init there. Below ZeRO-3 the factory's policy already holds the right values
         (zeros, or the trained embedding of the checkpoint it loaded), which must survive."""
         if weights:
             expected = policy.state_dict(keep_vars=True)  # parameters and persistent buffers
@@ -209,10 +211,11 @@ class DeepSpeedEngine:
                 {k: tuple(v.shape) for k, v in weights.items()},
                 "weights",
             )
+        zeroed = set(policy.zero_init_names())
         with torch.no_grad():
             for name, param in policy.named_parameters():
                 value = weights.get(name)
-                rezero = value is None and name in OURS_ONLY and self.stage == 3
+                rezero = value is None and name in zeroed and self.stage == 3
                 if value is None and not rezero:
                     continue
                 with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=self.stage == 3):
@@ -432,7 +435,7 @@ def build_engine(
             arch, weights = _checkpoint_for_zero3(Path(cfg.model.checkpoint), **arch_overrides(cfg))
         except CheckpointError as err:
             raise ConfigError(f"model.checkpoint: {err}") from None
-        policy_factory = partial(PI0Policy, arch)
+        policy_factory = partial(make_policy, arch)  # PI0 or PI0.5, as the checkpoint says
     return DeepSpeedEngine(
         policy_factory,
         cfg.train,

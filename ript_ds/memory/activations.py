@@ -27,6 +27,10 @@ The peak adds to the saved bytes one layer's temporaries (`_grad_working_set`) a
 checkpointing these copies are not saved, yet cached for the whole forward: for the full-size PI0 this,
 not the recomputation, sets the peak) and (b) in backward, one checkpointed layer's recomputed activations.
 Measured on CPU (tools/bench/memory_check.py) the saved bytes match to ~1% and the peak to ~10%.
+
+PI0.5 (arch.model_type "pi05"): its parameters are counted exactly (model/pi05.make_policy) and its suffix
+has no state token; its adaptive norms and time MLP are accounted like PI0's RMSNorms and action-time MLP
+(an approximation: the per-token modulation they add is small next to attention and the MLPs; not measured).
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ import torch
 from torch import nn
 
 from ript_ds.model.arch import GemmaArch, PI0Arch
-from ript_ds.model.pi0 import FP32_MODULE_MARKERS, PI0Policy, unused_parameter_names
+from ript_ds.model.pi0 import FP32_MODULE_MARKERS, unused_parameter_names
+from ript_ds.model.pi05 import make_policy
 
 BF16, FP32, INT64 = 2, 4, 8
 _LORA_TARGET = re.compile(r"model\.(vlm\.language_model|dit)\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)")
@@ -58,11 +63,11 @@ class ParamInfo:
 def parameter_inventory(
     arch: PI0Arch, lora_targets: Iterable[str] = (), lora_rank: int = 0, train_cond_embed: bool = True
 ) -> list[ParamInfo]:
-    """Every parameter of PI0Policy(arch) as the engine trains it: full fine-tuning (all used parameters
+    """Every parameter of make_policy(arch) (PI0 or PI0.5) as the engine trains it: full fine-tuning (all used parameters
     train) or, with `lora_targets` (module names, engine/lora.lora_target_names), frozen base weights
     plus rank-`lora_rank` adapters A [r, in] and B [out, r] and, optionally, the condition embedding."""
     with torch.device("meta"):
-        policy = PI0Policy(arch)
+        policy = make_policy(arch)
     unused = set(unused_parameter_names(arch))
     # Autocast runs Linear/Conv in bf16, except the parts model.pi0 keeps in fp32 (its _fp32 regions).
     low = {
@@ -108,7 +113,12 @@ class TokenLayout:
         return self.cameras * arch.vision.tokens_per_image + self.text_tokens
 
     def suffix(self, arch: PI0Arch) -> int:
-        return 1 + arch.chunk_size
+        return suffix_tokens(arch)
+
+
+def suffix_tokens(arch: PI0Arch) -> int:
+    """PI0: the state token + H actions; PI0.5: the H actions alone."""
+    return arch.chunk_size + (0 if arch.model_type == "pi05" else 1)
 
 
 @dataclass
@@ -257,7 +267,7 @@ def _suffix_embedding(arch: PI0Arch, rows: int, full: bool) -> Saved:
 
 def _head(arch: PI0Arch, rows: int, full: bool) -> Saved:
     """Expert final norm on the suffix, action_out_proj on the chunk, the MSE loss."""
-    s_len, h, d = 1 + arch.chunk_size, arch.chunk_size, arch.expert.width
+    s_len, h, d = suffix_tokens(arch), arch.chunk_size, arch.expert.width
     s = _rms_norm(rows * s_len, d, True, full)
     s.add(_linear(rows * h, d, arch.max_action_dim, True, full, fp32=True)[0])
     s.act += 2 * FP32 * rows * h * arch.max_action_dim  # MSE target and prediction

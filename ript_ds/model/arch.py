@@ -44,8 +44,14 @@ GEMMA_2B = GemmaArch(width=2048, depth=18, mlp_dim=16384, num_heads=8, num_kv_he
 GEMMA_300M = GemmaArch(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256)
 
 
+MODEL_TYPES = ("pi0", "pi05")
+
+
 @dataclass(frozen=True)
 class PI0Arch:
+    """Sizes of a PI0-family network. model_type "pi05" is PI0.5 (model/pi05.py): the same stacks, time
+    through adaptive norms of the expert, no state token (its max_state_dim is then unused)."""
+
     vlm: GemmaArch = GEMMA_2B
     expert: GemmaArch = GEMMA_300M
     vision: VisionArch = field(default_factory=VisionArch)
@@ -58,8 +64,11 @@ class PI0Arch:
     max_period: float = 4.0
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    model_type: str = "pi0"  # absent from older pi0_arch.json files, which are all pi0
 
     def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"PI0Arch: model_type {self.model_type!r} is not one of {MODEL_TYPES}")
         # VLM and expert q/k/v are concatenated along the sequence in every joint layer.
         for name in ("depth", "num_heads", "num_kv_heads", "head_dim"):
             if getattr(self.vlm, name) != getattr(self.expert, name):
@@ -86,9 +95,10 @@ class PI0Arch:
         return cls(**d)
 
     @classmethod
-    def tiny(cls, chunk_size: int = 8, image_size: int = 32) -> PI0Arch:
-        """A few-hundred-thousand-parameter PI0 for tests, the demo and CPU learning checks."""
+    def tiny(cls, chunk_size: int = 8, image_size: int = 32, model_type: str = "pi0") -> PI0Arch:
+        """A few-hundred-thousand-parameter PI0 (or PI0.5) for tests, the demo and CPU learning checks."""
         return cls(
+            model_type=model_type,
             vlm=GemmaArch(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_heads=1, head_dim=16),
             expert=GemmaArch(width=32, depth=2, mlp_dim=64, num_heads=4, num_kv_heads=1, head_dim=16),
             vision=VisionArch(
@@ -193,4 +203,15 @@ def arch_from_reference_json(d: dict[str, Any]) -> PI0Arch:
         max_period=d.get("max_period", 4.0),
         rms_norm_eps=d["vlm"].get("rms_norm_eps", 1e-6),
         rope_theta=d["vlm"].get("rope_theta", 10000.0),
+        model_type=_reference_model_type(d),
     )
+
+
+def _reference_model_type(d: dict[str, Any]) -> str:
+    """lerobot fixtures name it `policy_type`; the expert's `use_adarms` marks pi0.5 too; else pi0."""
+    named = d.get("policy_type", d.get("model_type"))
+    if named is not None:
+        if named not in MODEL_TYPES:
+            raise ValueError(f"arch.json: policy type {named!r} is not one of {MODEL_TYPES}")
+        return named
+    return "pi05" if d["expert"].get("use_adarms") else "pi0"

@@ -19,7 +19,11 @@ Fields (openpi names in brackets, openpi src/openpi/training/config.py and polic
   [TokenizePrompt / PaligemmaTokenizer];
 - action_horizon [Pi0Config.action_horizon], replan_steps (actions executed per chunk, the LIBERO
   client's replan_steps), max_token_len [Pi0Config.max_token_len];
-- state_dim / action_dim: the env's real dims (LIBERO 8 / 7), zero-padded to the model's 32.
+- state_dim / action_dim: the env's real dims (LIBERO 8 / 7), zero-padded to the model's 32;
+- discrete_state_input: the state as 256 bins in a "Task: ..., State: ...;\\nAction: " prompt [Pi0Config.
+  discrete_state_input; lerobot pi05 always]: recorded (lerobot pi05 config.json) and refused where a
+  convention is applied (check_supported: the Processor, the trainer's checks, the server), since that prompt
+  is not built yet and the actions would be silently wrong (openpi pi05_libero: off).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class PolicyConvention:
     max_token_len: int | None = 48  # None: the run's model.tokenizer_max_length
     state_dim: int = 8
     action_dim: int = 7
+    discrete_state_input: bool = False
     preset: str | None = None  # the openpi config it came from, if any
     source: str = field(default="default", compare=False)  # where it was read (for messages)
 
@@ -87,6 +92,14 @@ class PolicyConvention:
         for ok, message in checks:
             if not ok:
                 raise ConventionError(f"policy convention ({self.source}): {message}")
+
+    def check_supported(self) -> None:
+        """Raise ConventionError for what the Processor cannot apply yet (a recorded convention may hold it)."""
+        if self.discrete_state_input:
+            raise ConventionError(
+                f"policy convention ({self.source}): discrete_state_input (the state as text in the prompt, "
+                "as lerobot's pi05 does) is not supported yet"
+            )
 
     # ------------------------------------------------------------------ the action frame
     def _mask(self, dims: int) -> np.ndarray:
@@ -215,5 +228,6 @@ def _from_lerobot_config(path: Path) -> PolicyConvention | None:
         action_horizon=int(cfg.get("chunk_size", 50)),
         replan_steps=int(cfg.get("n_action_steps", 5)),
         max_token_len=None if limit is None else int(limit),
+        discrete_state_input=kind == "pi05",  # lerobot's pi05 prompt always carries the state bins
         source=f"{path} (lerobot)",
     )

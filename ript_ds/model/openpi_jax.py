@@ -1,4 +1,5 @@
-"""openpi JAX PI0 parameters (a flat dict of numpy arrays keyed by the '/'-joined Flax path) -> canonical.
+"""openpi JAX PI0 / PI0.5 parameters (a flat dict of numpy arrays keyed by the '/'-joined Flax path) ->
+canonical.
 
 Pure numpy/torch: tools/convert_openpi_jax.py adds the orbax reading. Sizes come from the array shapes
 (SigLIP's head count from its attention kernel, which is (depth, width, heads, head_dim)); only the chunk
@@ -12,7 +13,11 @@ The Flax -> torch rules (each one silently wrong when skipped; see the fixture R
 - `gating_einsum` (2, D, F): index 0 is the GELU-gated half (gate_proj), index 1 up_proj;
 - Gemma RMSNorm scales are used as (1 + scale) by both sides: copied unchanged;
 - the SigLIP patch kernel is HWIO -> Conv2d OIHW;
-- a `_1` suffix marks the action expert (`q_einsum_1`, `mlp_1`, `final_norm_1`, ...).
+- a `_1` suffix marks the action expert (`q_einsum_1`, `mlp_1`, `final_norm_1`, ...);
+- PI0.5 (pi05=True; model/pi05.py) is recognised by its leaves, not by a path name: the expert's norms are
+  adaptive, `pre_attention_norm_1/Dense_0`, `pre_ffw_norm_1/Dense_0` (stacked) and `final_norm_1/Dense_0`
+  with kernels (in, 3 * width) -> `.dense` Linear weights (transposed) and no `scale`; `time_mlp_in/out`
+  instead of `state_proj` and `action_time_mlp_in/out`.
 Keys ending in `/value` (openpi's training layout, nnx.State) are accepted as the same leaves.
 """
 
@@ -38,10 +43,22 @@ _PROJ = {
     "action_time_mlp_out": "embed_action_time.action_time_mlp_out",
     "action_out_proj": "action_out_proj",
 }
+_PROJ_PI05 = {
+    "action_in_proj": "embed_action_time.action_in_proj",
+    "time_mlp_in": "embed_action_time.time_mlp_in",
+    "time_mlp_out": "embed_action_time.time_mlp_out",
+    "action_out_proj": "action_out_proj",
+}
+PI05_LEAF = LLM + "final_norm_1/Dense_0/kernel"  # the expert's adaptive final norm: only in pi0.5
 
 
 class OpenpiJaxError(ValueError):
-    """Parameters that are not an openpi PI0 (pi05=false) checkpoint; the message names the keys."""
+    """Parameters that are not an openpi PI0 / PI0.5 checkpoint; the message names the keys."""
+
+
+def model_type_of(params: Mapping[str, np.ndarray]) -> str:
+    """The model type of flat (`normalize_keys`-ed) openpi parameters: pi05 for pi05=True, else pi0."""
+    return "pi05" if PI05_LEAF in params else "pi0"
 
 
 def normalize_keys(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -61,9 +78,12 @@ def _t(a: np.ndarray) -> Tensor:
 
 
 def arch_from_params(params: Mapping[str, np.ndarray], chunk_size: int = 50, **overrides) -> PI0Arch:
-    """PI0Arch from openpi array shapes (flat keys, already `normalize_keys`-ed)."""
+    """PI0Arch (pi0 or pi05) from openpi array shapes (flat keys, already `normalize_keys`-ed)."""
     p = params
     _require(p, [LLM + "layers/attn/q_einsum/w", IMG + "embedding/kernel", "action_in_proj/kernel"])
+    model_type = model_type_of(p)
+    # pi0.5 has no state projection; its max_state_dim is only the processor's padding (the default)
+    state_dims = {} if model_type == "pi05" else {"max_state_dim": p["state_proj/kernel"].shape[0]}
 
     def gemma(sfx: str) -> GemmaArch:
         depth, heads, width, head_dim = p[f"{LLM}layers/attn/q_einsum{sfx}/w"].shape
@@ -95,8 +115,9 @@ def arch_from_params(params: Mapping[str, np.ndarray], chunk_size: int = 50, **o
         vision=vision,
         vocab_size=p[LLM + "embedder/input_embedding"].shape[0],
         chunk_size=chunk_size,
-        max_state_dim=p["state_proj/kernel"].shape[0],
         max_action_dim=p["action_in_proj/kernel"].shape[0],
+        model_type=model_type,
+        **state_dims,
         **overrides,
     )
 
@@ -114,7 +135,8 @@ def _require(p: Mapping[str, np.ndarray], keys: list[str]) -> None:
 def to_canonical_openpi(params: Mapping[str, np.ndarray]) -> dict[str, Tensor]:
     """Flat openpi params ('/'-joined paths, optional `/value`) -> canonical float32 torch tensors.
 
-    Strict: every leaf must be consumed; unknown leaves (e.g. pi0.5's adaRMS / time_mlp) are an error.
+    Strict: every leaf must be consumed, and every leaf the model type (model_type_of) needs must be
+    there; anything else (e.g. pi0-FAST's) is an error naming it.
     """
     p = normalize_keys(params)
     used: set[str] = set()
@@ -126,15 +148,16 @@ def to_canonical_openpi(params: Mapping[str, np.ndarray]) -> dict[str, Tensor]:
         return p[key]
 
     out: dict[str, Tensor] = {}
+    pi05 = model_type_of(p) == "pi05"
     _siglip(get, out)
-    _gemma_stacks(get, out)
-    for src, dst in _PROJ.items():
+    _gemma_stacks(get, out, adaptive_expert=pi05)
+    for src, dst in (_PROJ_PI05 if pi05 else _PROJ).items():
         out[f"{dst}.weight"] = _t(get(f"{src}/kernel").T)
         out[f"{dst}.bias"] = _t(get(f"{src}/bias"))
     left = sorted(set(p) - used)
     if left:
         raise OpenpiJaxError(
-            f"openpi parameters that map to nothing (pi0.5 / pi0-FAST checkpoints are not PI0): "
+            f"openpi parameters that map to nothing (pi0-FAST checkpoints are not PI0 / PI0.5): "
             f"{', '.join(left[:10])}{' ...' if len(left) > 10 else ''} ({len(left)} in all)"
         )
     return out
@@ -170,8 +193,9 @@ def _siglip(get: Callable[[str], np.ndarray], out: dict[str, Tensor]) -> None:
     out["model.vlm.multi_modal_projector.linear.bias"] = _t(get(IMG + "head/bias"))
 
 
-def _gemma_stacks(get: Callable[[str], np.ndarray], out: dict[str, Tensor]) -> None:
-    """The PaliGemma LLM (suffix "") and the action expert (suffix "_1"), stacked over layers in openpi."""
+def _gemma_stacks(get: Callable[[str], np.ndarray], out: dict[str, Tensor], adaptive_expert: bool) -> None:
+    """The PaliGemma LLM (suffix "") and the action expert (suffix "_1"), stacked over layers in openpi;
+    adaptive_expert: pi0.5's expert norms (_norms)."""
     out["model.vlm.language_model.embed_tokens.weight"] = _t(get(LLM + "embedder/input_embedding"))
     for sfx, root in (("", "model.vlm.language_model."), ("_1", "model.dit.")):
         q_all = get(f"{LLM}layers/attn/q_einsum{sfx}/w")  # (L, N, D, H)
@@ -179,8 +203,7 @@ def _gemma_stacks(get: Callable[[str], np.ndarray], out: dict[str, Tensor]) -> N
         o_all = get(f"{LLM}layers/attn/attn_vec_einsum{sfx}/w")  # (L, N, H, D)
         gate_all = get(f"{LLM}layers/mlp{sfx}/gating_einsum")  # (L, 2, D, F)
         down_all = get(f"{LLM}layers/mlp{sfx}/linear")  # (L, F, D)
-        pre_attn = get(f"{LLM}layers/pre_attention_norm{sfx}/scale")
-        pre_ffw = get(f"{LLM}layers/pre_ffw_norm{sfx}/scale")
+        _norms(get, out, sfx, root, adaptive=adaptive_expert and sfx == "_1")
         for i in range(q_all.shape[0]):
             lay = f"{root}layers.{i}."
             n, d, h = q_all[i].shape
@@ -195,9 +218,30 @@ def _gemma_stacks(get: Callable[[str], np.ndarray], out: dict[str, Tensor]) -> N
             out[lay + "mlp.gate_proj.weight"] = _t(gate_all[i, 0].T)
             out[lay + "mlp.up_proj.weight"] = _t(gate_all[i, 1].T)
             out[lay + "mlp.down_proj.weight"] = _t(down_all[i].T)
-            out[lay + "input_layernorm.weight"] = _t(pre_attn[i])  # (1 + scale) on both sides
-            out[lay + "post_attention_layernorm.weight"] = _t(pre_ffw[i])
+
+
+_NORMS = (("pre_attention_norm", "input_layernorm"), ("pre_ffw_norm", "post_attention_layernorm"))
+
+
+def _norms(get: Callable[[str], np.ndarray], out: dict[str, Tensor], sfx: str, root: str, adaptive: bool):
+    """One stack's norms: Gemma scales (used as (1 + scale) on both sides: copied), or pi0.5's adaptive
+    norms, whose Dense_0 kernel (in, 3 * width) is the `.dense` Linear's weight transposed."""
+    if not adaptive:
+        for src, dst in _NORMS:
+            for i, scale in enumerate(get(f"{LLM}layers/{src}{sfx}/scale")):
+                out[f"{root}layers.{i}.{dst}.weight"] = _t(scale)
         out[root + "norm.weight"] = _t(get(f"{LLM}final_norm{sfx}/scale"))
+        return
+    for src, dst in _NORMS:
+        kernels, biases = (
+            get(f"{LLM}layers/{src}{sfx}/Dense_0/kernel"),
+            get(f"{LLM}layers/{src}{sfx}/Dense_0/bias"),
+        )
+        for i in range(kernels.shape[0]):
+            out[f"{root}layers.{i}.{dst}.dense.weight"] = _t(kernels[i].T)
+            out[f"{root}layers.{i}.{dst}.dense.bias"] = _t(biases[i])
+    out[root + "norm.dense.weight"] = _t(get(f"{LLM}final_norm{sfx}/Dense_0/kernel").T)
+    out[root + "norm.dense.bias"] = _t(get(f"{LLM}final_norm{sfx}/Dense_0/bias"))
 
 
 def flatten_tree(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:

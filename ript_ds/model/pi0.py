@@ -119,6 +119,11 @@ def sample_noise_time(arch: PI0Arch, n: int, rng: np.random.Generator) -> tuple[
     return torch.from_numpy(noise), torch.from_numpy(time)
 
 
+def _residual(h: Tensor, out: Tensor, gate: Tensor | None) -> Tensor:
+    """h + out, or PI0.5's gated h + out * gate (the gate of the norm that fed the sub-block)."""
+    return h + out if gate is None else h + out * gate
+
+
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """RoPE on [B, heads, T, head_dim] with cos/sin [B, T, head_dim] (transformers' Gemma formula)."""
     return x * cos[:, None] + modeling_gemma.rotate_half(x) * sin[:, None]
@@ -149,7 +154,14 @@ def reduce_loss(per_element: Tensor, step_mask: Tensor | None, action_dim: int) 
 class PI0Policy(nn.Module):
     """PI0 with a condition embedding; parameter names follow transformers' PI0ForConditionalGeneration."""
 
+    MODEL_TYPE = "pi0"  # the arch.model_type this class builds (PI05Policy: "pi05"; model/pi05.make_policy)
+
     def __init__(self, arch: PI0Arch):
+        if arch.model_type != self.MODEL_TYPE:
+            raise ValueError(
+                f"{type(self).__name__} builds model_type {self.MODEL_TYPE!r}, the arch is "
+                f"{arch.model_type!r}; build networks with model/pi05.make_policy(arch)"
+            )
         super().__init__()
         self.arch = arch
         hf_config = arch.to_hf_config()
@@ -184,6 +196,11 @@ class PI0Policy(nn.Module):
         elif dtype != torch.float32:
             raise ValueError(f"set_precision: unsupported dtype {dtype}; use torch.float32 or torch.bfloat16")
         return self
+
+    def zero_init_names(self) -> tuple[str, ...]:
+        """Parameters __init__ sets to zero; under ZeRO-3 zero.Init swallows that and the engine re-zeroes
+        them when no checkpoint supplies them."""
+        return ("cond_embed.weight",)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -233,18 +250,35 @@ class PI0Policy(nn.Module):
     def _rope(self, like: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         return self.model.vlm.language_model.rotary_emb(like, positions)
 
+    # ------------------------------------------------------------------ time condition
+    def time_condition(self, time: Tensor) -> Tensor | None:
+        """The vector the expert's norms are conditioned on ([B, D_expert]); PI0 has none (time enters its
+        action tokens), PI0.5 overrides it (model/pi05.py)."""
+        return None
+
     # ------------------------------------------------------------------ layers
-    def _qkv(self, layer: nn.Module, h: Tensor, with_q: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
+    @staticmethod
+    def _norm(norm: nn.Module, h: Tensor, ada: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """(normed h, residual gate): a plain Gemma RMSNorm (no gate), or PI0.5's adaptive norm of `ada`."""
+        return (norm(h), None) if ada is None else norm(h, ada)
+
+    def _qkv(
+        self, layer: nn.Module, h: Tensor, with_q: bool = True, ada: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
+        """(q, k, v) [B, heads, T, head_dim] of the pre-attention norm, and that norm's gate (or None)."""
         attn = layer.self_attn
-        x = layer.input_layernorm(h)
+        x, gate = self._norm(layer.input_layernorm, h, ada)
         shape = (*x.shape[:-1], -1, attn.head_dim)
         k, v = (p(x).view(shape).transpose(1, 2) for p in (attn.k_proj, attn.v_proj))
-        return (attn.q_proj(x).view(shape).transpose(1, 2) if with_q else None), k, v
+        return (attn.q_proj(x).view(shape).transpose(1, 2) if with_q else None), k, v, gate
 
-    def _finish(self, layer: nn.Module, h: Tensor, att: Tensor) -> Tensor:
-        """o_proj + residual, then the gated MLP + residual."""
-        h = h + layer.self_attn.o_proj(att.to(layer.self_attn.o_proj.weight.dtype))
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+    def _finish(
+        self, layer: nn.Module, h: Tensor, att: Tensor, gate: Tensor | None = None, ada: Tensor | None = None
+    ) -> Tensor:
+        """o_proj + residual, then the gated MLP + residual (each residual scaled by its norm's gate)."""
+        h = _residual(h, layer.self_attn.o_proj(att.to(layer.self_attn.o_proj.weight.dtype)), gate)
+        x, gate = self._norm(layer.post_attention_layernorm, h, ada)
+        return _residual(h, layer.mlp(x), gate)
 
     def _attend(self, layer: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         out, _ = modeling_gemma.eager_attention_forward(
@@ -252,25 +286,37 @@ class PI0Policy(nn.Module):
         )
         return out.reshape(out.shape[0], out.shape[1], -1)  # [B, T, heads * head_dim]
 
-    def _joint_layer(self, i: int, pre: Tensor, suf: Tensor, mask: Tensor, cos: Tensor, sin: Tensor):
+    def _joint_layer(
+        self,
+        i: int,
+        pre: Tensor,
+        suf: Tensor,
+        mask: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        ada: Tensor | None = None,
+    ):
         vlm_layer, exp_layer = self.model.vlm.language_model.layers[i], self.model.dit.layers[i]
         p = pre.shape[1]
         last = i == self.arch.vlm.depth - 1
-        qp, kp, vp = self._qkv(vlm_layer, pre, with_q=not last)
-        qs, ks, vs = self._qkv(exp_layer, suf)
+        qp, kp, vp, _ = self._qkv(vlm_layer, pre, with_q=not last)
+        qs, ks, vs, gate = self._qkv(exp_layer, suf, ada=ada)
         if last:
             # Nothing reads the last VLM layer's prefix output: attend with the suffix queries only, so
             # its q_proj, o_proj and MLP do no work (and get no gradient).
             qs = rotate(qs, cos[:, p:], sin[:, p:])
             k = rotate(torch.cat([kp, ks], dim=2), cos, sin)
             att = self._attend(exp_layer, qs, k, torch.cat([vp, vs], dim=2), mask[:, :, p:])
-            return pre, self._finish(exp_layer, suf, att)
+            return pre, self._finish(exp_layer, suf, att, gate, ada)
         q, k = rotate(torch.cat([qp, qs], dim=2), cos, sin), rotate(torch.cat([kp, ks], dim=2), cos, sin)
         att = self._attend(vlm_layer, q, k, torch.cat([vp, vs], dim=2), mask)
-        return self._finish(vlm_layer, pre, att[:, :p]), self._finish(exp_layer, suf, att[:, p:])
+        return self._finish(vlm_layer, pre, att[:, :p]), self._finish(exp_layer, suf, att[:, p:], gate, ada)
 
-    def _joint_forward(self, prefix: Tensor, prefix_pad: Tensor, suffix: Tensor) -> Tensor:
-        """All layers over [prefix | suffix]; returns the expert's normed output [B, 1 + H, D_expert]."""
+    def _joint_forward(
+        self, prefix: Tensor, prefix_pad: Tensor, suffix: Tensor, ada: Tensor | None = None
+    ) -> Tensor:
+        """All layers over [prefix | suffix]; returns the expert's normed output [B, S, D_expert] (S = 1 + H
+        for PI0, H for PI0.5). ada: the time condition of the expert's norms (PI0.5), else None."""
         b, device = prefix.shape[0], prefix.device
         pad = torch.cat([prefix_pad, torch.ones(b, suffix.shape[1], dtype=torch.bool, device=device)], dim=1)
         blocks = torch.cat(
@@ -282,11 +328,11 @@ class PI0Policy(nn.Module):
         for i in range(self.arch.vlm.depth):
             if use_ckpt:
                 prefix, suffix = checkpoint(
-                    self._joint_layer, i, prefix, suffix, mask, cos, sin, use_reentrant=False
+                    self._joint_layer, i, prefix, suffix, mask, cos, sin, ada, use_reentrant=False
                 )
             else:
-                prefix, suffix = self._joint_layer(i, prefix, suffix, mask, cos, sin)
-        return self.model.dit.norm(suffix)
+                prefix, suffix = self._joint_layer(i, prefix, suffix, mask, cos, sin, ada)
+        return self._norm(self.model.dit.norm, suffix, ada)[0]  # the final norm's gate is unused
 
     def _velocity_out(self, suffix_out: Tensor) -> Tensor:
         with _fp32(suffix_out):
@@ -297,7 +343,7 @@ class PI0Policy(nn.Module):
         """Predicted flow velocity v(x_t, t | observation, c) with the prefix recomputed.  -> [B, H, A]."""
         prefix, prefix_pad = self.embed_prefix(batch)
         suffix = self.embed_suffix(batch.state, x_t, time, cond)
-        return self._velocity_out(self._joint_forward(prefix, prefix_pad, suffix))
+        return self._velocity_out(self._joint_forward(prefix, prefix_pad, suffix, self.time_condition(time)))
 
     def loss(self, batch: PI0Batch, noise: Tensor, time: Tensor, cond: Tensor | None = None) -> Tensor:
         """Per-element flow-matching loss [B, H, A] with the given noise [B, H, A] and time [B]."""
@@ -323,7 +369,7 @@ class PI0Policy(nn.Module):
         layers = self.model.vlm.language_model.layers
         for i, layer in enumerate(layers):
             last = i == len(layers) - 1  # the last layer only contributes its K, V
-            q, k, v = self._qkv(layer, h, with_q=not last)
+            q, k, v, _ = self._qkv(layer, h, with_q=not last)
             k = rotate(k, cos, sin)
             cache.append((k, v))
             if not last:
@@ -331,7 +377,11 @@ class PI0Policy(nn.Module):
         return cache, pad
 
     def _denoise_cached(
-        self, cache: list[tuple[Tensor, Tensor]], prefix_pad: Tensor, suffix: Tensor
+        self,
+        cache: list[tuple[Tensor, Tensor]],
+        prefix_pad: Tensor,
+        suffix: Tensor,
+        ada: Tensor | None = None,
     ) -> Tensor:
         b, s, device = suffix.shape[0], suffix.shape[1], suffix.device
         suffix_2d = attention_2d_mask(
@@ -342,11 +392,11 @@ class PI0Policy(nn.Module):
         cos, sin = self._rope(suffix, positions)
         h = suffix
         for layer, (k_pre, v_pre) in zip(self.model.dit.layers, cache, strict=True):
-            q, k, v = self._qkv(layer, h)
+            q, k, v, gate = self._qkv(layer, h, ada=ada)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             k, v = torch.cat([k_pre, k], dim=2), torch.cat([v_pre, v], dim=2)
-            h = self._finish(layer, h, self._attend(layer, q, k, v, mask))
-        return self._velocity_out(self.model.dit.norm(h))
+            h = self._finish(layer, h, self._attend(layer, q, k, v, mask), gate, ada)
+        return self._velocity_out(self._norm(self.model.dit.norm, h, ada)[0])
 
     @torch.no_grad()
     def sample_actions(
@@ -388,22 +438,24 @@ class PI0Policy(nn.Module):
             time = torch.full((x_t.shape[0],), 1.0 + step * dt, dtype=torch.float32, device=noise.device)
             x_in = x_t if guidance is None else x_t.repeat(2, 1, 1)
             t_in = time if guidance is None else time.repeat(2)
-            suffix = self.embed_suffix(state, x_in, t_in, conds)
+            suffix, ada = self.embed_suffix(state, x_in, t_in, conds), self.time_condition(t_in)
             if use_cache:
-                v = self._denoise_cached(cache, prefix_pad, suffix)
+                v = self._denoise_cached(cache, prefix_pad, suffix, ada)
             else:
-                v = self._uncached_velocity(batch, suffix, guidance is not None)
+                v = self._uncached_velocity(batch, suffix, guidance is not None, ada)
             if guidance is not None:
                 v_none, v_pos = v.chunk(2)
                 v = v_none + guidance * (v_pos - v_none)
             x_t = x_t + dt * v
         return x_t
 
-    def _uncached_velocity(self, batch: PI0Batch, suffix: Tensor, doubled: bool) -> Tensor:
+    def _uncached_velocity(
+        self, batch: PI0Batch, suffix: Tensor, doubled: bool, ada: Tensor | None = None
+    ) -> Tensor:
         prefix, prefix_pad = self.embed_prefix(batch)
         if doubled:
             prefix, prefix_pad = prefix.repeat(2, 1, 1), prefix_pad.repeat(2, 1)
-        return self._velocity_out(self._joint_forward(prefix, prefix_pad, suffix))
+        return self._velocity_out(self._joint_forward(prefix, prefix_pad, suffix, ada))
 
 
 def unused_parameter_names(arch: PI0Arch) -> list[str]:

@@ -118,6 +118,8 @@ class Processor:
     convention: PolicyConvention | None = None
 
     def __post_init__(self) -> None:
+        if self.convention is not None:
+            self.convention.check_supported()
         self._prompt_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def tokenize(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:

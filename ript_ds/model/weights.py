@@ -6,8 +6,10 @@ Layouts (detected from the keys, mapped by explicit prefix rules, never by fuzzy
 - lerobot >= 0.4: `model.paligemma_with_expert.paligemma.model.language_model.*`, ...
 - lerobot <= 0.3: `model.paligemma_with_expert.paligemma.language_model.model.*`, normalization
   buffers inside the weights file.
-- openpi PyTorch: the lerobot >= 0.4 names without the leading `model.`; `time_mlp_in/out` or
-  `action_time_mlp_in/out`.
+- openpi PyTorch: the lerobot >= 0.4 names without the leading `model.`.
+Each layout holds PI0 (`state_proj`, `action_time_mlp_in/out`) or PI0.5 (`time_mlp_in/out`, the expert's
+adaptive norms `...input_layernorm.dense.*`, no state_proj; model/pi05.py): the same prefix rules map both,
+and the model type is read from the mapped keys (detect_model_type), never from a file name.
 The references' two `lm_head` weights (and an expert token embedding, where one was saved) are unused by
 PI0 and dropped by their exact names, per layout (unused_keys; an automatic renaming would map PaliGemma's
 lm_head onto the input embeddings). Any other key that maps nowhere, and any expected key that is absent,
@@ -36,6 +38,7 @@ from ript_ds.model.arch import GemmaArch, PI0Arch, VisionArch
 from ript_ds.model.convention import PolicyConvention
 from ript_ds.model.normalization import WEIGHTS_FILE, NormStats, load_norm_stats
 from ript_ds.model.pi0 import PI0Policy
+from ript_ds.model.pi05 import make_policy
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,8 @@ _PROJECTIONS = {
     "state_proj.": "embed_action_time.state_proj.",
     "action_time_mlp_in.": "embed_action_time.action_time_mlp_in.",
     "action_time_mlp_out.": "embed_action_time.action_time_mlp_out.",
-    "time_mlp_in.": "embed_action_time.action_time_mlp_in.",
-    "time_mlp_out.": "embed_action_time.action_time_mlp_out.",
+    "time_mlp_in.": "embed_action_time.time_mlp_in.",  # PI0.5's time MLP (PI0 has action_time_mlp_*)
+    "time_mlp_out.": "embed_action_time.time_mlp_out.",
     "action_out_proj.": "action_out_proj.",
 }
 
@@ -133,6 +136,15 @@ def detect_layout(keys: list[str]) -> str:
         "<=0.3), openpi PyTorch or ript-ds canonical keys; convert openpi JAX checkpoints with "
         "tools/convert_openpi_jax.py"
     )
+
+
+# Present only in PI0.5: the expert's final adaptive norm (model/pi05.AdaptiveNorm).
+PI05_SIGNATURE = "model.dit.norm.dense.weight"
+
+
+def detect_model_type(canonical_keys: Sequence[str]) -> str:
+    """The model type of canonical keys: pi05 when they hold the expert's adaptive norms, else pi0."""
+    return "pi05" if PI05_SIGNATURE in canonical_keys else "pi0"
 
 
 def to_canonical(state: Mapping[str, Tensor], layout: str | None = None) -> tuple[dict[str, Tensor], str]:
@@ -315,13 +327,19 @@ def infer_arch(state: Mapping[str, Tensor], vision_heads: int | None = None, **o
         image_size=round(tokens**0.5) * patch,
     )
     action_in = state["embed_action_time.action_in_proj.weight"]
+    model_type = detect_model_type(list(state))
+    # PI0.5 has no state projection: its max_state_dim is only the processor's padding (the default).
+    state_dims = {}
+    if model_type == "pi0":
+        state_dims["max_state_dim"] = state["embed_action_time.state_proj.weight"].shape[1]
     return PI0Arch(
         vlm=gemma("model.vlm.language_model."),
         expert=gemma("model.dit."),
         vision=vision,
         vocab_size=state["model.vlm.language_model.embed_tokens.weight"].shape[0],
-        max_state_dim=state["embed_action_time.state_proj.weight"].shape[1],
         max_action_dim=action_in.shape[1],
+        model_type=model_type,
+        **state_dims,
         **overrides,
     )
 
@@ -388,7 +406,7 @@ def inspect_checkpoint(directory: str | Path, **overrides) -> PI0Arch:
     state, layout = to_canonical({k: torch.empty(s, device="meta") for k, s in shapes.items()})
     arch = checkpoint_arch(directory, state, **overrides)
     with torch.device("meta"):  # the architecture's key and shape table, without allocating it
-        expected = PI0Policy(arch).state_dict()
+        expected = make_policy(arch).state_dict()
     check_state(
         {k: v.shape for k, v in expected.items()},
         {k: v.shape for k, v in state.items()},
@@ -407,10 +425,16 @@ def load_checkpoint(directory: str | Path, arch: PI0Arch | None = None, **overri
     raw = read_safetensors(directory / CANONICAL_WEIGHTS)
     state, layout = to_canonical(raw)
     arch = dataclasses.replace(arch, **overrides) if arch else checkpoint_arch(directory, state, **overrides)
-    policy = PI0Policy(arch)
+    policy = make_policy(arch)
     load_into(policy, state, source=f"{layout} checkpoint {directory}", layout=layout)
     stats = load_norm_stats(directory, raw)
-    log.info("loaded PI0 (%s layout) from %s; normalization stats: %s", layout, directory, stats is not None)
+    log.info(
+        "loaded %s (%s layout) from %s; normalization stats: %s",
+        arch.model_type,
+        layout,
+        directory,
+        stats is not None,
+    )
     return LoadedCheckpoint(policy=policy, norm_stats=stats, layout=layout)
 
 

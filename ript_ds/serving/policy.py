@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ript_ds.model.convention import PolicyConvention, load_convention
+from ript_ds.model.convention import ConventionError, PolicyConvention, load_convention
 from ript_ds.model.normalization import load_norm_stats
 from ript_ds.model.pi0 import PI0Policy, precision
 from ript_ds.model.processing import TOKENIZER_FILES, Processor, PromptTokenizer
@@ -177,13 +177,21 @@ def load_policy(
     directory = Path(checkpoint_dir)
     if not directory.is_dir():
         raise PolicyLoadError(f"checkpoint directory {directory} does not exist")
-    convention = load_convention(directory)
-    if convention is not None and convention.model_type != "pi0":
-        raise PolicyLoadError(f"{convention.source}: {convention.model_type} policies are not supported yet")
+    try:
+        convention = load_convention(directory)
+        if convention is not None:
+            convention.check_supported()
+    except ConventionError as err:
+        raise PolicyLoadError(str(err)) from None
     try:
         loaded = load_checkpoint(directory)
     except CheckpointError as err:
         raise PolicyLoadError(f"{directory}: {err}") from None
+    if convention is not None and convention.model_type != loaded.policy.arch.model_type:
+        raise PolicyLoadError(
+            f"{convention.source} describes a {convention.model_type} policy but {directory} holds "
+            f"{loaded.policy.arch.model_type} weights"
+        )
     stats = load_norm_stats(directory, mode=None if convention is None else convention.norm_mode)
     if stats is None:
         raise PolicyLoadError(

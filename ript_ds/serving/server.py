@@ -255,9 +255,8 @@ class PolicyServer:
         """Request/reply until the client leaves or a request fails -> (requests served, how it ended)."""
         served, prev_total = 0, None
         while True:
-            start = (
-                time.monotonic()
-            )  # openpi's prev_total_ms spans recv to send, client's think time included
+            # openpi's prev_total_ms spans recv to send, the client's think time included
+            start = time.monotonic()
             try:
                 message = await ws.recv()
             except ConnectionClosed:

@@ -58,6 +58,7 @@ bench: install
 	cd tools/bench && ../../$(PY) memory_check.py
 	cd tools/bench && ../../$(PY) serve_throughput.py
 	cd tools/bench && ../../$(PY) lerobot_export_size.py
+	cd tools/bench && ../../$(PY) pi05_vs_pi0.py
 
 clean:
 	rm -rf $(VENV) .torch_extensions .pytest_cache .ruff_cache runs

@@ -72,7 +72,11 @@ def arch_overrides(cfg: ExperimentCfg) -> dict[str, int]:
 def build_arch(cfg: ExperimentCfg) -> PI0Arch:
     """The arch of a fresh model (no checkpoint): PI0's sizes or the tiny ones, plus the run's overrides."""
     m = cfg.model
-    arch = PI0Arch() if m.arch == "pi0" else PI0Arch.tiny(chunk_size=m.chunk_size, image_size=m.image_size)
+    model_type = "pi05" if m.arch in ("pi05", "tiny_pi05") else "pi0"
+    if m.arch in ("pi0", "pi05"):
+        arch = PI0Arch(model_type=model_type)
+    else:
+        arch = PI0Arch.tiny(chunk_size=m.chunk_size, image_size=m.image_size, model_type=model_type)
     return replace(arch, **arch_overrides(cfg))
 
 

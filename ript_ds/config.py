@@ -45,7 +45,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelCfg:
     checkpoint: str | None = None  # PI0 checkpoint directory (any supported layout); None = random init
-    arch: Literal["pi0", "tiny"] = "tiny"  # sizes when no checkpoint is given
+    # sizes when no checkpoint is given: PI0 / PI0.5 full size, or the tiny ones (tests, CPU checks)
+    arch: Literal["pi0", "pi05", "tiny", "tiny_pi05"] = "tiny"
     chunk_size: int = 8  # tiny arch only: actions per predicted chunk (PI0: 50)
     image_size: int = 32  # tiny arch only: model image resolution (PI0: 224)
     # PaliGemma tokenizer.model / tokenizer.json; None = the checkpoint directory's (tiny models: built in code)

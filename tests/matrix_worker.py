@@ -7,7 +7,7 @@ CELL names restrict the run to those cells; key=value overrides go on top of eve
 (both for debugging one cell by hand; the test passes neither).
 
 A cell is (ZeRO config, config overrides): ZeRO {0, 2, 3} x objective {cfg, awr, fpo}, LoRA on ZeRO-2/3,
-gradient accumulation and the cosine schedule. Every cell runs ITERATIONS trainer iterations of the
+gradient accumulation, the cosine schedule, and PI0.5 with cfg (ZeRO-2) and fpo (ZeRO-3). Every cell runs ITERATIONS trainer iterations of the
 debug config at matrix sizes, in-process synthetic envs, with its own run directory; process start-up
 and DeepSpeed's import are paid once per launch, not per cell. The global batch is the same in both
 launches: 1 rank trains micro-batches of 2 x MICRO windows, 2 ranks MICRO each.
@@ -96,6 +96,12 @@ def cells() -> list[Cell]:
         Cell(f"z{stage}_{loss}", f"zero{stage}.json", (f"ript.loss={loss}",))
         for loss in ("awr", "fpo")
         for stage in stages
+    ]
+    # PI0.5 (adaptive-norm action expert, action-only suffix) through the same trainer, engine and update
+    pi05 = "model.arch=tiny_pi05"
+    out += [
+        Cell("z2_pi05_cfg", "zero2.json", ("ript.loss=cfg", pi05)),
+        Cell("z3_pi05_fpo", "zero3.json", ("ript.loss=fpo", pi05)),
     ]
     return out
 

@@ -136,3 +136,17 @@ def test_a_renamed_key_is_read_under_its_new_name(tmp_path):
     saved["ript"]["cfg_alpha"] = 0.5
     with pytest.raises(ConfigError, match=r"ript\.uncond_weight: 0\.5 -> 0\.1"):
         check_config(saved, load_config().to_dict(), allow=False)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["debug", "demo", "libero_spatial_lora", "libero_10_full", "debug_pi05", "libero_spatial_pi05_lora"],
+)
+def test_every_shipped_config_loads_and_builds_its_model_type(name):
+    from pathlib import Path
+
+    from ript_ds.build import build_arch
+
+    path = Path(__file__).resolve().parents[1] / "launch" / "configs" / f"{name}.yaml"
+    cfg = load_config(path)
+    assert build_arch(cfg).model_type == ("pi05" if "pi05" in name else "pi0")

@@ -15,26 +15,23 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES, ROOT, require
-from safetensors.numpy import load_file
+from conftest import ROOT
+from openpi_policy_fixture import CAMS, FIXTURE, SCENES, convert, load_io, load_prompts, observation
 
 from ript_ds.model.convention import ConventionError, PolicyConvention, load_convention, preset
 from ript_ds.serving import PolicyInputError, load_policy
 
-FIXTURE = FIXTURES / "openpi_policy_tiny_a"
-SCENES = ("scene_0_mug", "scene_1_drawer", "scene_2_block", "scene_3_basket")
-CAMS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 ACTION_TOL = 2e-4
 
 
 @pytest.fixture(scope="module")
 def io() -> dict[str, np.ndarray]:
-    return load_file(str(require(FIXTURE) / "policy_io.safetensors"))
+    return load_io()
 
 
 @pytest.fixture(scope="module")
 def prompts() -> dict[str, str]:
-    return json.loads((FIXTURE / "meta.json").read_text())["inputs"]["prompts"]
+    return load_prompts()
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +40,8 @@ def converted(tmp_path_factory):
     it; the absolute variant (case B) is the same checkpoint with the delta mask cleared by hand."""
     out = tmp_path_factory.mktemp("conv")
     delta = out / "pi0_libero"
-    cmd = [sys.executable, "tools/convert_openpi_jax.py", str(FIXTURE / "pi0_ckpt"), "--out", str(delta)]
-    cmd += ["--openpi-config", "pi0_libero", "--chunk-size", "8"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout)["policy"]["delta_action_mask"] == [True] * 6 + [False]
+    summary = convert("pi0_ckpt", delta, "pi0_libero", "--chunk-size", "8")
+    assert summary["policy"]["delta_action_mask"] == [True] * 6 + [False]
     absolute = out / "pi0_absolute"
     shutil.copytree(delta, absolute)
     conv = load_convention(delta)
@@ -55,9 +49,7 @@ def converted(tmp_path_factory):
     return {"pi0_libero": delta, "pi0_absolute": absolute}
 
 
-def _obs(io, prompts, scene: str) -> dict:
-    keys = ("observation/image", "observation/wrist_image", "observation/state")
-    return {k: io[f"obs/{scene}/{k}"] for k in keys} | {"prompt": prompts[scene]}
+_obs = observation
 
 
 @pytest.mark.parametrize("case", ["pi0_libero", "pi0_absolute"])

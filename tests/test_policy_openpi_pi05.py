@@ -6,34 +6,35 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES, ROOT, require
-from safetensors.numpy import load_file
+from openpi_policy_fixture import (
+    CAMS,
+    SCENES,
+    TOKENIZER,
+    convert,
+    load_io,
+    load_prompts,
+    observation,
+)
 
 from ript_ds.model.convention import PolicyConvention, load_convention
 from ript_ds.model.pi05 import PI05Policy
 from ript_ds.serving import PolicyLoadError, load_policy
 
-FIXTURE = FIXTURES / "openpi_policy_tiny_a"
-SCENES = ("scene_0_mug", "scene_1_drawer", "scene_2_block", "scene_3_basket")
-CAMS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 ACTION_TOL = 2e-4
-TOKENIZER = FIXTURE / "tokenizer.model"
 
 
 @pytest.fixture(scope="module")
 def io() -> dict[str, np.ndarray]:
-    return load_file(str(require(FIXTURE) / "policy_io.safetensors"))
+    return load_io()
 
 
 @pytest.fixture(scope="module")
 def prompts() -> dict[str, str]:
-    return json.loads((FIXTURE / "meta.json").read_text())["inputs"]["prompts"]
+    return load_prompts()
 
 
 @pytest.fixture(scope="module")
@@ -41,19 +42,12 @@ def converted(tmp_path_factory):
     """tools/convert_openpi_jax.py --openpi-config pi05_libero on the fixture's orbax checkpoint, as a user
     runs it (the horizon, 10, comes from the preset)."""
     out = tmp_path_factory.mktemp("conv05") / "pi05_libero"
-    cmd = [sys.executable, "tools/convert_openpi_jax.py", str(FIXTURE / "pi05_ckpt"), "--out", str(out)]
-    proc = subprocess.run(
-        [*cmd, "--openpi-config", "pi05_libero"], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout)
+    summary = convert("pi05_ckpt", out, "pi05_libero")
     assert summary["arch"]["model_type"] == "pi05" and summary["policy"]["norm_mode"] == "quantile"
     return out
 
 
-def _obs(io, prompts, scene: str) -> dict:
-    keys = ("observation/image", "observation/wrist_image", "observation/state")
-    return {k: io[f"obs/{scene}/{k}"] for k in keys} | {"prompt": prompts[scene]}
+_obs = observation
 
 
 def test_infer_equals_openpis_pi05_policy(converted, io, prompts):

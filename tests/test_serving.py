@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, ROOT, load_script, require
-from safetensors.numpy import load_file
+from conftest import ROOT, load_script
+from openpi_policy_fixture import SCENES, TOKENIZER, convert, load_io, load_prompts, observation
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -35,10 +35,6 @@ from ript_ds.serving import Policy, load_policy
 from ript_ds.serving.msgpack_numpy import packb, unpackb
 from ript_ds.serving.server import CLOSE_REASON, PolicyServer, ServerOptions
 
-FIXTURE = FIXTURES / "openpi_policy_tiny_a"
-TOKENIZER = FIXTURE / "tokenizer.model"
-SCENES = ("scene_0_mug", "scene_1_drawer", "scene_2_block", "scene_3_basket")
-OBS_KEYS = ("observation/image", "observation/wrist_image", "observation/state")
 CLIENT_PYTHON = ROOT / ".venv" / "openpi-client" / "bin" / "python"
 
 CLIENT = r'''
@@ -160,28 +156,19 @@ def client_python() -> Path:
 
 @pytest.fixture(scope="module")
 def io() -> dict[str, np.ndarray]:
-    return load_file(str(require(FIXTURE) / "policy_io.safetensors"))
+    return load_io()
 
 
 @pytest.fixture(scope="module")
 def prompts() -> dict[str, str]:
-    return json.loads((FIXTURE / "meta.json").read_text())["inputs"]["prompts"]
+    return load_prompts()
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """The fixture's orbax checkpoint converted as a user converts it (as in tests/test_policy_openpi.py)."""
     out = tmp_path_factory.mktemp("serve") / "pi0_libero"
-    cmd = [
-        sys.executable,
-        "tools/convert_openpi_jax.py",
-        str(require(FIXTURE) / "pi0_ckpt"),
-        "--out",
-        str(out),
-    ]
-    cmd += ["--openpi-config", "pi0_libero", "--chunk-size", "8"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    convert("pi0_ckpt", out, "pi0_libero", "--chunk-size", "8")
     return out
 
 
@@ -190,8 +177,7 @@ def policy(checkpoint) -> Policy:
     return load_policy(checkpoint, tokenizer_path=TOKENIZER, device="cpu")
 
 
-def _obs(io, prompts, scene: str) -> dict:
-    return {k: io[f"obs/{scene}/{k}"] for k in OBS_KEYS} | {"prompt": prompts[scene]}
+_obs = observation
 
 
 @pytest.fixture(scope="module")

@@ -255,9 +255,14 @@ class CheckpointManager:
             )
             from ript_ds.engine.consolidate import client_state, fp32_state_dict
 
-            weights, states = fp32_state_dict(path)
+            read: dict = {}  # the engine reads the weights only once it accepts the resume
+
+            def weights():
+                read["weights"], read["states"] = fp32_state_dict(path)
+                return read["weights"]
+
             engine.load_consolidated(weights)
-            client = client_state(states)
+            client = client_state(read["states"])
         rng_file = path / f"rng_rank{self.rank}.json"
         if rng_file.exists():
             set_rng_state(json.loads(rng_file.read_text()))

@@ -382,14 +382,15 @@ class DeepSpeedEngine:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
         return dict(client_state or {})
 
-    def load_consolidated(self, weights: Mapping[str, Tensor]) -> None:
-        """Resume from a checkpoint written with another world size: `weights` are its consolidated fp32
-        weights (engine/consolidate.fp32_state_dict), copied into this engine's partitions. Limits: the
+    def load_consolidated(self, read_weights: Callable[[], Mapping[str, Tensor]]) -> None:
+        """Resume from a checkpoint written with another world size: `read_weights()` returns its consolidated
+        fp32 weights (engine/consolidate.fp32_state_dict), copied into this engine's partitions; it is called
+        only after the refusals, so a refused resume reads nothing (the whole model, per rank). Limits: the
         optimizer starts fresh (Adam moments and the LR-schedule step are not carried over) and LoRA
         runs are refused (their checkpoints hold adapters only). Call on every rank."""
         if self.lora.enabled:
             raise ConfigError("changing the world size on resume is not supported for LoRA runs yet")
-        self._load_weights(self.module, weights)
+        self._load_weights(self.module, read_weights())
 
     # ------------------------------------------------------------------ diagnostics
     def partition_numel(self) -> tuple[int, int]:

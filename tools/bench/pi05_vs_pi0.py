@@ -10,27 +10,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import time
 
 import torch
 from report import write_section
-from sample_latency import bench_arch
+from sample_latency import bench_arch, timed
 
 from ript_ds.model.pi0 import PI0Batch, reduce_loss
 from ript_ds.model.pi05 import make_policy
 
 SETTINGS = {"pi0": (48, 50), "pi05": (200, 10)}  # (text tokens, chunk)
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def measure(model_type: str, depth: int, batch: int, repeats: int) -> dict[str, float]:

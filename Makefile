@@ -59,6 +59,8 @@ bench: install
 	cd tools/bench && ../../$(PY) serve_throughput.py
 	cd tools/bench && ../../$(PY) lerobot_export_size.py
 	cd tools/bench && ../../$(PY) pi05_vs_pi0.py
+	cd tools/bench && ../../$(PY) pipelined_rollout.py
+	cd tools/bench && ../../$(PY) shared_prefix.py
 
 clean:
 	rm -rf $(VENV) .torch_extensions .pytest_cache .ruff_cache runs

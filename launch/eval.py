@@ -6,7 +6,8 @@
 
 Protocol: for every task, episodes i = 0 .. N-1 (default N = 50) start from the task's fixed init
 state i and reset with seed 7 + i (applied right before that episode's own reset), 10 settle steps,
-replanning every 5 actions, the suite's episode cap. Episodes are split over ranks by index and the
+replanning every 5 actions (the checkpoint's policy.json replan_steps, or --replan-steps), the suite's
+episode cap. Episodes are split over ranks by index and the
 results all-gathered, so the numbers do not depend on the number of ranks or envs.
 
 --checkpoint: a canonical / lerobot / openpi-pytorch checkpoint directory, or a DeepSpeed training
@@ -49,6 +50,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--camera-size", type=int, default=256, help="LIBERO render size before resize-with-pad")
     p.add_argument("--max-steps", type=int, help="override the suite's episode cap (tests, debugging)")
     p.add_argument("--num-inference-steps", type=int, help="denoising steps (default: the checkpoint's)")
+    p.add_argument(
+        "--replan-steps",
+        type=int,
+        help="actions executed per chunk (default: the checkpoint's policy.json replan_steps, else 5)",
+    )
     p.add_argument(
         "--dtype",
         choices=("auto", "float32", "bfloat16"),

@@ -33,6 +33,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000, openpi's)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: the first GPU when there is one)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model precision")
+    p.add_argument(
+        "--guidance",
+        default="1.0",
+        help="CFG weight w, or 'none' for the plain model (default 1.0, as training and launch/eval.py)",
+    )
     p.add_argument("--num-inference-steps", type=int, help="denoising steps (default: the checkpoint's)")
     p.add_argument("--max-batch", type=int, default=8, help="requests per forward (1: no batching)")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="how long a request waits for company")
@@ -43,7 +48,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error("--max-batch must be >= 1 and --batch-window-ms >= 0")
     if args.num_inference_steps is not None and args.num_inference_steps < 1:
         p.error("--num-inference-steps must be >= 1")
+    args.guidance = _guidance(p, args.guidance)
     return args
+
+
+def _guidance(p: _Parser, text: str) -> float | None:
+    if text.strip().lower() in ("none", "null"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        p.error(f"--guidance must be a number or 'none', got {text!r}")
+    if not value >= 0:  # also NaN
+        p.error(f"--guidance {text} must be >= 0 (0 = the unconditioned branch)")
+    return value
 
 
 def _check_port(host: str, port: int) -> None:
@@ -69,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         _check_port(args.host, args.port)
         # PolicyLoadError and ConventionError are ValueErrors, each one line naming the fix.
         policy = load_policy(
-            args.checkpoint, args.tokenizer, args.device, dtype=args.dtype, num_steps=args.num_inference_steps
+            args.checkpoint,
+            args.tokenizer,
+            args.device,
+            dtype=args.dtype,
+            guidance=args.guidance,
+            num_steps=args.num_inference_steps,
         )
     except ValueError as err:
         print(f"serve error: {err}", file=sys.stderr)
@@ -77,7 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     # Configured only now, so a bad checkpoint stays one line (loading logs at INFO on success).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)  # our server logs each connection once
-    log.info("loaded %s on %s (%s, horizon %d)", args.checkpoint, policy.device, args.dtype, policy.horizon)
+    log.info(
+        "loaded %s on %s (%s, horizon %d, guidance %s)",
+        args.checkpoint,
+        policy.device,
+        args.dtype,
+        policy.horizon,
+        args.guidance,
+    )
     options = ServerOptions(max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
 
     def ready(server) -> None:

@@ -28,11 +28,17 @@ from ript_ds.model.normalization import NormStats, load_norm_stats
 from ript_ds.model.pi0 import PI0Policy
 from ript_ds.model.pi05 import make_policy
 from ript_ds.model.processing import TOKENIZER_FILES, Processor, PromptTokenizer, build_tiny_tokenizer
-from ript_ds.model.weights import CheckpointError, inspect_checkpoint, load_checkpoint
+from ript_ds.model.weights import (
+    CheckpointError,
+    inspect_checkpoint,
+    load_checkpoint,
+    missing_convention_hint,
+)
 
 log = logging.getLogger(__name__)
 
 STATE_DIM = 8  # LIBERO's and the synthetic env's proprioceptive state
+DEFAULT_REPLAN_STEPS = 5  # openpi examples/libero/main.py replan_steps
 # A token embedding this small is one of the built-in tiny models (PI0Arch.tiny, the synthetic set-up):
 # no real tokenizer fits it, so the tiny tokenizer cannot stand in for a real one by accident.
 TINY_VOCAB = PI0Arch.tiny().vocab_size
@@ -160,11 +166,34 @@ def check_model(cfg: ExperimentCfg) -> PI0Arch:
             f"model.checkpoint: {conv.source} describes a {conv.model_type} policy but the weights are "
             f"{arch.model_type}; fix or remove the policy convention"
         )
+    check_horizon(conv, arch, cfg.rollout.replan_every)
     checkpoint_norm_stats(cfg)
     path = resolve_tokenizer(cfg, arch)
     if path is not None:
         check_vocab(_load_tokenizer(path, cfg), arch)
     return arch
+
+
+def check_horizon(conv: PolicyConvention | None, arch: PI0Arch, replan_every: int | None = None) -> None:
+    """The convention's action_horizon is the chunk the weights predict, and a chunk must hold the actions
+    executed before replanning. Raises ConfigError (one line)."""
+    if conv is not None and conv.action_horizon is not None and conv.action_horizon != arch.chunk_size:
+        raise ConfigError(
+            f"model.checkpoint: {conv.source} says action_horizon {conv.action_horizon} but the weights "
+            f"predict chunks of {arch.chunk_size}; fix the convention's action_horizon"
+        )
+    replan = replan_steps(replan_every, conv)
+    if replan > arch.chunk_size:
+        where = "rollout.replan_every" if replan_every is not None else f"{conv.source} replan_steps"
+        raise ConfigError(f"{where}={replan} is more than the {arch.chunk_size} actions of a chunk; lower it")
+
+
+def replan_steps(replan_every: int | None, conv: PolicyConvention | None) -> int:
+    """Actions executed per chunk: rollout.replan_every when set, else the checkpoint's convention
+    (policy.json replan_steps: what its own harness executes), else openpi's LIBERO client's 5."""
+    if replan_every is not None:
+        return replan_every
+    return conv.replan_steps if conv is not None else DEFAULT_REPLAN_STEPS
 
 
 @dataclass
@@ -173,6 +202,7 @@ class Components:
     policy: PI0Policy
     processor: Processor
     env_factory: EnvFactory
+    replan_every: int = DEFAULT_REPLAN_STEPS  # resolved rollout.replan_every (replan_steps)
 
     @property
     def prompts(self) -> dict[int, str]:
@@ -221,13 +251,18 @@ def build_processor(
     check_vocab(tokenizer, arch)
     if norm_stats is None:  # a fresh model, or a checkpoint without statistics on the synthetic env
         norm_stats = NormStats.identity(STATE_DIM, ACTION_DIM)
+    convention = checkpoint_convention(cfg)
+    if convention is None and cfg.model.checkpoint is not None:
+        hint = missing_convention_hint(cfg.model.checkpoint)
+        if hint:
+            log.warning(hint)
     return Processor(
         tokenizer,
         norm_stats,
         ACTION_DIM,
         max_state_dim=arch.max_state_dim,
         max_action_dim=arch.max_action_dim,
-        convention=checkpoint_convention(cfg),
+        convention=convention,
     )
 
 
@@ -256,4 +291,6 @@ def build_components(cfg: ExperimentCfg, policy: PI0Policy | None = None) -> Com
     tasks = build_tasks(cfg)
     policy = build_policy(cfg)[0] if policy is None else policy
     processor = build_processor(cfg, tasks, checkpoint_norm_stats(cfg), policy.arch)
-    return Components(tasks, policy, processor, build_env_factory(cfg, policy.arch))
+    check_horizon(processor.convention, policy.arch, cfg.rollout.replan_every)
+    replan = replan_steps(cfg.rollout.replan_every, processor.convention)
+    return Components(tasks, policy, processor, build_env_factory(cfg, policy.arch), replan)

@@ -75,7 +75,13 @@ class EnvCfg:
 class RolloutCfg:
     num_envs: int = 2  # env worker processes per rank (or in-process slots with in_process)
     in_process: bool = False  # synthetic env only: step envs in the trainer process (env/inline.py)
-    replan_every: int = 5  # actions executed from each predicted chunk before replanning
+    # actions executed from each predicted chunk before replanning; None: the checkpoint's policy
+    # convention (policy.json replan_steps), else 5 (openpi's LIBERO client); build.replan_steps resolves it
+    replan_every: int | None = None
+    # env groups that take turns, one stepping in its workers while the policy runs for another
+    # (rl/rollout.py); 1 = lockstep; null = 2 with worker processes, num_envs >= 4 and more CPU
+    # cores than num_envs, else 1
+    pipeline_groups: int | None = None
     guidance: float = 1.0  # w in v = v_none + w (v_pos - v_none) for rollouts
     noise_scale: float = 1.0  # training rollouts only: x the flow's initial noise (exploration)
     step_timeout_s: float = 120.0  # a worker silent this long is restarted, its episode failed
@@ -134,6 +140,10 @@ class LoraCfg:
     target: Literal["both", "vlm", "expert"] = "both"  # stacks with adapters; expert = action expert
     modules: list[str] = field(default_factory=lambda: list(LORA_PROJECTIONS))  # projections wrapped
     train_cond_embed: bool = True  # the condition embedding trains too (the cfg objective needs it)
+    # Storage of the frozen base weights. auto: with model.dtype=bfloat16, the Gemma stacks' linear and
+    # token-embedding weights in bf16 (autocast computes them in bf16 anyway; the vision tower, norms and
+    # projections stay fp32), about half the frozen memory; float32: all fp32, as full fine-tuning keeps them.
+    frozen_dtype: Literal["auto", "float32"] = "auto"
 
 
 @dataclass
@@ -176,6 +186,7 @@ _AT_LEAST: tuple[tuple[str, int], ...] = (
     ("env.max_steps", 1),
     ("rollout.num_envs", 1),
     ("rollout.replan_every", 1),
+    ("rollout.pipeline_groups", 1),
     ("rollout.videos_per_iteration", 0),
     ("ript.rollouts_per_context", 2),
     ("ript.groups_per_iteration", 1),
@@ -265,10 +276,24 @@ class ExperimentCfg:
                 "rollout.in_process=true is for env.kind=synthetic only: LIBERO envs need worker "
                 "processes (crash isolation, parallel rendering); remove rollout.in_process"
             )
+        self._validate_pipeline()
         if self.env.kind == "synthetic" and self.env.suite != "synthetic":
             raise ConfigError(f"env.kind=synthetic needs env.suite=synthetic, got {self.env.suite!r}")
         self._validate_paths_and_suite()
         return self
+
+    def _validate_pipeline(self) -> None:
+        groups = self.rollout.pipeline_groups
+        if groups is not None and groups > self.rollout.num_envs:
+            raise ConfigError(
+                f"rollout.pipeline_groups={groups} exceeds rollout.num_envs={self.rollout.num_envs}: "
+                "every group needs an env"
+            )
+        if groups is not None and groups > 1 and self.rollout.in_process:
+            raise ConfigError(
+                "rollout.pipeline_groups > 1 needs env worker processes: in-process envs step in the "
+                "policy's process, so nothing overlaps; remove rollout.pipeline_groups"
+            )
 
     def _validate_paths_and_suite(self) -> None:
         """What can be checked without importing LIBERO or starting ranks."""

@@ -17,8 +17,9 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from ript_ds.env.pool import EnvPool
 from ript_ds.eval import runner as eval_runner
 from ript_ds.eval.video import write_videos
 from ript_ds.metrics import MetricsWriter
+from ript_ds.model.convention import PolicyConvention
 from ript_ds.model.weights import CANONICAL_ARCH
 from ript_ds.rl.advantage import group_advantages
 from ript_ds.rl.rollout import RolloutRequest, collect, make_pi0_policy_fn
@@ -47,7 +49,28 @@ from ript_ds.rl.windows import episode_windows, groups_to_windows
 
 log = logging.getLogger(__name__)
 
+HELDOUT_EVAL_DIR = Path("eval") / "heldout"  # the periodic eval's results, <run>/eval/heldout/iter_N
 SEEDS_PER_RUN = 10_000_000  # episode seeds of run seed s are s * SEEDS_PER_RUN + global episode index
+
+
+def write_policy_files(run_dir: Path, comp: Components, arch) -> None:
+    """policy.json, norm_stats.json and the tokenizer the run's rollouts use, beside its checkpoints: an
+    export (tools/export.py) or launch/eval.py of any tag then applies exactly what training applied, also
+    for a run that started from no checkpoint (there is no base to read them from). Rank 0."""
+    proc = comp.processor
+    conv = proc.convention or PolicyConvention(  # what the processor does without one, spelled out
+        model_type=arch.model_type,
+        image_slots=(),
+        max_token_len=proc.tokenizer.max_length,
+        action_dim=proc.action_dim,
+        source="run",
+    )
+    replace(conv, action_horizon=arch.chunk_size, replan_steps=comp.replan_every).save(run_dir)
+    proc.norm_stats.save(run_dir)
+    tokenizer = Path(proc.tokenizer.path)
+    target = run_dir / tokenizer.name
+    if not target.exists() or not target.samefile(tokenizer):
+        shutil.copyfile(tokenizer, target)
 
 
 class Preempted(Exception):
@@ -85,6 +108,10 @@ class Trainer:
         torch.manual_seed(seed)
         self.engine = self._build_engine()
         self.comp: Components = build_components(cfg, policy=self.engine.module)
+        # The resolved value (the checkpoint's replan_steps when unset) is what config.yaml and the
+        # checkpoints record and what a resume compares: runs from before the default became "the
+        # checkpoint's" saved 5, which a resume without the key still matches.
+        cfg.rollout = replace(cfg.rollout, replan_every=self.comp.replan_every)
         self.sampler = SmartSampler(
             self.comp.tasks,
             cfg.ript.rollouts_per_context,
@@ -106,6 +133,7 @@ class Trainer:
             # has no base checkpoint to read them from).
             arch = json.dumps(self.engine.module.arch.to_dict(), indent=1)
             (cfg.run_dir / CANONICAL_ARCH).write_text(arch)
+            write_policy_files(cfg.run_dir, self.comp, self.engine.module.arch)
         self.ckpt = CheckpointManager(
             cfg.run_dir, cfg.ckpt.keep_last, dist.rank(), dist.world_size(), dist.barrier
         )
@@ -243,9 +271,15 @@ class Trainer:
         )
         bar = progress.episode_bar(len(requests), dist.is_main())
         with self.engine.rollout_context(), bar as on_progress:
-            replan = self.cfg.rollout.replan_every
+            replan = self.comp.replan_every
             result = collect(
-                policy_fn, self.pool, requests, replan, on_progress=on_progress, should_stop=should_stop
+                policy_fn,
+                self.pool,
+                requests,
+                replan,
+                on_progress=on_progress,
+                should_stop=should_stop,
+                pipeline_groups=self.cfg.rollout.pipeline_groups,
             )
             return result.episodes
 
@@ -340,7 +374,9 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """One episode per held-out context through the package's evaluator (eval/runner.py), sharded
-        over ranks; eval/success_rate and its Wilson interval, results under <run>/eval/ (collective)."""
+        over ranks; eval/success_rate and its Wilson interval, results under <run>/eval/heldout/<tag>
+        (collective). Not <run>/eval/<tag>: that is launch/eval.py's default for the checkpoint of that tag
+        (the LIBERO protocol), a different evaluation that must not overwrite this one or be overwritten."""
         contexts = self.sampler.eval_contexts
         if not contexts:
             return {}
@@ -351,7 +387,7 @@ class Trainer:
         result = eval_runner.run_episodes(
             lambda mine: self._rollout(mine, guidance), requests, self.cfg.env.suite, self.comp.tasks
         )
-        out = self.cfg.run_dir / "eval" / tag_for(self.iteration)
+        out = self.cfg.run_dir / HELDOUT_EVAL_DIR / tag_for(self.iteration)
         eval_runner.write_results(result, out, f"held-out contexts after iteration {self.iteration}")
         return result.metrics()
 

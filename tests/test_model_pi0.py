@@ -10,14 +10,8 @@ import torch
 from conftest import random_batch, tiny_policy
 
 from ript_ds.model.arch import PI0Arch
-from ript_ds.model.pi0 import (
-    PI0Policy,
-    count_parameters,
-    reduce_loss,
-    sample_noise_time,
-    sinusoidal_time_embedding,
-    unused_parameter_names,
-)
+from ript_ds.model.flow import reduce_loss, sample_noise_time
+from ript_ds.model.pi0 import PI0Policy, count_parameters, sinusoidal_time_embedding, unused_parameter_names
 
 
 def test_full_size_pi0_on_meta_device():

@@ -13,7 +13,8 @@ from conftest import random_batch, randomize
 from ript_ds.config import LoraCfg
 from ript_ds.engine.lora import lora_target_names
 from ript_ds.model.arch import PI0Arch
-from ript_ds.model.pi0 import PI0Policy, count_parameters, precision, reduce_loss, unused_parameter_names
+from ript_ds.model.flow import reduce_loss
+from ript_ds.model.pi0 import PI0Policy, count_parameters, precision, unused_parameter_names
 from ript_ds.model.pi05 import AdaptiveNorm, PI05Policy, make_policy
 
 

@@ -100,14 +100,30 @@ def test_conventions_that_do_not_fit_the_weights_are_refused(converted, tmp_path
     PolicyConvention.from_dict({**conv.to_dict(), "model_type": "pi0"}).save(wrong)
     with pytest.raises(PolicyLoadError, match=r"pi0 policy but .* holds pi05 weights"):
         load_policy(wrong, tokenizer_path=TOKENIZER, device="cpu")
-    # lerobot's pi05 puts the state in its prompt as bins: recorded from its config.json, refused
+    # pi0 with the state in its prompt would see the state twice: refused
+    PolicyConvention.from_dict({**conv.to_dict(), "discrete_state_input": True, "model_type": "pi0"}).save(
+        wrong
+    )
+    with pytest.raises(PolicyLoadError, match="discrete_state_input with model_type 'pi0'"):
+        load_policy(wrong, tokenizer_path=TOKENIZER, device="cpu")
+
+
+def test_a_lerobot_pi05_config_puts_the_state_in_the_prompt(converted, io, prompts, tmp_path):
+    """lerobot's pi05 config.json: discrete_state_input, the prompt built from the normalised state."""
     lerobot = tmp_path / "lerobot"
     shutil.copytree(converted, lerobot)
     (lerobot / "policy.json").unlink()
     (lerobot / "config.json").write_text(json.dumps({"type": "pi05", "chunk_size": 10}))
     assert load_convention(lerobot).discrete_state_input is True
-    with pytest.raises(PolicyLoadError, match="discrete_state_input"):
-        load_policy(lerobot, tokenizer_path=TOKENIZER, device="cpu")
+    policy = load_policy(lerobot, tokenizer_path=TOKENIZER, device="cpu")
+    obs = _obs(io, prompts, SCENES[0])
+    images = np.zeros((2, 2, 8, 8, 3), dtype=np.uint8)
+    states = np.stack([obs["observation/state"], obs["observation/state"] + 0.5])
+    batch = policy.processor.batch(images, states, [obs["prompt"]] * 2, device="cpu")
+    assert not np.array_equal(batch.tokens[0].numpy(), batch.tokens[1].numpy())
+    np.testing.assert_array_equal(
+        batch.tokens[0].numpy(), policy.processor.tokenize(obs["prompt"], obs["observation/state"])[0]
+    )
 
 
 def test_the_trainer_builds_pi05_from_the_converted_checkpoint(converted, tmp_path):
@@ -128,5 +144,7 @@ def test_the_trainer_builds_pi05_from_the_converted_checkpoint(converted, tmp_pa
     (lerobot / "policy.json").unlink()
     (lerobot / "config.json").write_text(json.dumps({"type": "pi05", "chunk_size": 10}))
     cfg = load_config(None, [f"model.checkpoint={lerobot}", *overrides[1:]])
-    with pytest.raises(ConfigError, match="discrete_state_input"):
+    assert check_model(cfg).model_type == "pi05"  # the state-in-prompt convention is applied, not refused
+    (lerobot / "config.json").write_text(json.dumps({"type": "pi05", "use_proprioceptive_memory": True}))
+    with pytest.raises(ConfigError, match="use_proprioceptive_memory"):
         check_model(cfg)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ript_ds.model.pi0 import reduce_loss as flow_matching_loss_reduce
+from ript_ds.model.flow import reduce_loss as flow_matching_loss_reduce
 from ript_ds.rl.losses import awr_loss, fpo_loss, guided_loss
 
 

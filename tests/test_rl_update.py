@@ -11,8 +11,8 @@ import torch
 from conftest import tiny_policy
 
 from ript_ds.config import RiptCfg, TrainCfg
+from ript_ds.model.flow import reduce_loss, sample_noise_time
 from ript_ds.model.normalization import NormStats
-from ript_ds.model.pi0 import reduce_loss, sample_noise_time
 from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
 from ript_ds.rl.types import Window
 from ript_ds.rl.update import TorchBackend, plan_update, run_update, window_refs

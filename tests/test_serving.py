@@ -10,6 +10,7 @@ for every request (`Wrapped`), which makes its answers comparable with the in-pr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import queue
 import re
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, load_script
 from openpi_policy_fixture import SCENES, TOKENIZER, convert, load_io, load_prompts, observation
 from websockets.exceptions import ConnectionClosed
@@ -414,6 +416,8 @@ def test_serve_cli_bad_input_is_one_line(checkpoint, tmp_path, capsys):
         ([*ok, "--port", "eight"], "argument --port: invalid int value"),
         ([*ok, "--port", str(busy.getsockname()[1])], f"cannot listen on 127.0.0.1:{busy.getsockname()[1]}"),
         ([*ok, "--max-batch", "0"], "--max-batch must be >= 1"),
+        ([*ok, "--guidance", "strong"], "--guidance must be a number or 'none'"),
+        ([*ok, "--guidance", "-1"], "--guidance -1 must be >= 0"),
     ]
     try:
         for argv, message in cases:
@@ -422,6 +426,25 @@ def test_serve_cli_bad_input_is_one_line(checkpoint, tmp_path, capsys):
             assert message in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
     finally:
         busy.close()
+
+
+def test_served_policy_samples_with_the_guidance_training_and_eval_use(checkpoint, io, prompts):
+    """A cfg-trained checkpoint (its two condition rows differ) must be served as launch/eval.py and the
+    training rollouts sample it (w = 1.0: the positive condition), not as the plain model."""
+    policy = load_policy(checkpoint, tokenizer_path=TOKENIZER, device="cpu")
+    assert policy.guidance == 1.0 and policy.metadata["guidance"] == 1.0
+    with torch.no_grad():
+        policy.model.cond_embed.weight[1].normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    obs, noise = _obs(io, prompts, SCENES[0]), io["noise/pi0"]
+    served = policy.infer(obs, noise)["actions"]
+    plain = dataclasses.replace(policy, guidance=None).infer(obs, noise)["actions"]
+    assert np.abs(served - plain).max() > 1e-3  # the condition matters for this policy
+    request = policy.prepare(obs, noise)  # the images at the model's resolution
+    batch = policy.processor.batch(request.images[None], request.state[None], [request.prompt], device="cpu")
+    with torch.no_grad():  # what rollouts (rl/rollout.make_pi0_policy_fn) sample with rollout.guidance 1.0
+        sampled = policy.model.sample_actions(batch, torch.from_numpy(request.noise)[None], guidance=1.0)
+    rollout = policy.processor.decode_actions(sampled, request.state[None])[0]
+    _close(served, rollout, atol=1e-5)
 
 
 def _lines(stream, into: queue.Queue) -> None:

@@ -8,8 +8,9 @@ For every DeepSpeed JSON x full fine-tuning / LoRA x activation checkpointing x 
 gradients, optimizer state, activations, buffers (reduce buckets + backward transients) and the rollout
 phase, GiB per GPU, and whether the peak fits --gpu-memory. Defaults describe the full-size PI0 (3.24 B
 parameters) on LIBERO: 3 camera slots x 256 image tokens + 48 prompt tokens, state + 50 actions, bf16
-autocast over fp32 parameters (model.dtype=bfloat16), the cfg objective (2 rows per window), 8 guided
-environments per rank in rollouts. The model is documented in ript_ds.memory.zero.py and
+autocast over fp32 parameters (model.dtype=bfloat16; with LoRA the frozen Gemma weights are stored in bf16,
+engine.lora.frozen_dtype=auto), the cfg objective (2 rows per window), 8 guided environments per rank in
+rollouts. The model is documented in ript_ds.memory.zero.py and
 ript_ds.memory.activations.py and checked against CPU measurements by tools/bench/memory_check.py.
 Exit code 2 on bad input.
 """

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +33,11 @@ from torch import Tensor
 
 from ript_ds.model import weights as w
 from ript_ds.model.arch import PI0Arch
-from ript_ds.model.convention import load_convention
+from ript_ds.model.convention import POLICY_FILE, ConventionError, PolicyConvention, load_convention
 from ript_ds.model.normalization import STAT_NAMES, NormStats, load_norm_stats
 from ript_ds.model.pi0 import PI0Policy
 from ript_ds.model.pi05 import make_policy
+from ript_ds.model.processing import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
@@ -296,8 +298,10 @@ def export_training_checkpoint(
     except w.CheckpointError as err:
         raise ExportError(str(err)) from None
     stats = next((s for d in _run_dirs(tag_dir) if (s := stats_or_none(d)) is not None), None) or base_stats
-    convention = load_convention(base_dir) if base_dir is not None else None  # the run kept its base's
+    # The run's own policy.json (the trainer writes what its rollouts applied), else its base's (older runs).
+    convention = _run_convention(tag_dir, base_dir)
     w.save_canonical(policy, out, stats, convention)
+    copy_tokenizer([*_run_dirs(tag_dir), *([base_dir] if base_dir else [])], out)
     result = ExportResult(
         out=Path(out),
         tag_dir=tag_dir,
@@ -310,7 +314,33 @@ def export_training_checkpoint(
         result.lerobot_out = save_lerobot(policy, lerobot_out, stats)
         if convention is not None:
             convention.save(result.lerobot_out)
+        copy_tokenizer([Path(out)], result.lerobot_out)
     return result
+
+
+def _run_convention(tag_dir: Path, base_dir: Path | None) -> PolicyConvention | None:
+    """The run's policy.json beside its checkpoints, else the base checkpoint's convention (any layout)."""
+    own = [d for d in _run_dirs(tag_dir) if (d / POLICY_FILE).is_file()]
+    try:
+        if own:
+            return load_convention(own[0])
+        return load_convention(base_dir) if base_dir is not None else None
+    except ConventionError as err:
+        raise ExportError(str(err)) from None
+
+
+def copy_tokenizer(dirs: list[Path], out: str | Path) -> Path | None:
+    """The first tokenizer file found in `dirs` into `out`, so the export is served / evaluated without
+    --tokenizer; None when none has one (then the user passes it)."""
+    for d in dirs:
+        for name in TOKENIZER_FILES:
+            src = d / name
+            if src.is_file():
+                target = Path(out) / name
+                if not target.exists() or not target.samefile(src):
+                    shutil.copyfile(src, target)
+                return target
+    return None
 
 
 def stats_or_none(directory: Path) -> NormStats | None:
@@ -381,6 +411,7 @@ def _export_plain(
         raise ExportError(str(err)) from None
     convention = load_convention(path)  # policy.json, or a lerobot config.json: kept with the weights
     w.save_canonical(loaded.policy, out, loaded.norm_stats, convention)
+    copy_tokenizer([path], out)
     result = ExportResult(
         out=out,
         tag_dir=None,
@@ -393,4 +424,5 @@ def _export_plain(
         result.lerobot_out = save_lerobot(loaded.policy, lerobot_out, loaded.norm_stats)
         if convention is not None:
             convention.save(result.lerobot_out)
+        copy_tokenizer([path], result.lerobot_out)
     return result

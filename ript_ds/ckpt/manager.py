@@ -55,6 +55,7 @@ RESUMABLE_CHANGES = (
     "rollout.num_envs",
     "rollout.in_process",
     "rollout.step_timeout_s",
+    "rollout.pipeline_groups",  # how env groups take turns: the same episodes (rl/rollout.py)
     "rollout.videos_per_iteration",
 )
 

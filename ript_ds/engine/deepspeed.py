@@ -13,7 +13,9 @@ Choices worth knowing:
 - bf16 (model.dtype=bfloat16) is DeepSpeed's `torch_autocast`: parameters, gradients and optimizer state
   stay fp32 and the forward (training and rollouts) runs under torch.autocast(bf16). DeepSpeed's own
   `bf16.enabled` casts every parameter to bf16, which breaks PI0's fp32 norms / vision / projections
-  (dtype errors in its forward), so the JSON may not turn it on. Costs fp32 parameter memory.
+  (dtype errors in its forward), so the JSON may not turn it on. Costs fp32 parameter memory, except that
+  with LoRA the frozen Gemma weights are stored in bf16 (engine/lora.store_frozen_bf16; autocast computes
+  them in bf16 anyway), the trainable ones and the reference's fp32 modules staying fp32.
 - Offloading uses DeepSpeedCPUAdam (JIT-built); if that build fails we fall back to torch AdamW, which
   DeepSpeed then runs on the CPU partitions (slower, same maths), and log a warning.
 - Under ZeRO-3 whatever a factory writes into parameters after construction is lost (each sub-module is
@@ -170,7 +172,7 @@ class DeepSpeedEngine:
         policy.set_gradient_checkpointing(gradient_checkpointing)
         for name in unused_parameter_names(policy.arch):
             policy.get_parameter(name).requires_grad_(False)
-        model: nn.Module = wrap_lora(policy, engine.lora) if engine.lora.enabled else policy
+        model: nn.Module = wrap_lora(policy, engine.lora, bf16) if engine.lora.enabled else policy
 
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = self._make_optimizer(trainable, train, engine)
@@ -265,12 +267,16 @@ class DeepSpeedEngine:
     def eval(self) -> None:
         self._engine.eval()
 
-    def forward(self, batch: PI0Batch, noise: Tensor, time: Tensor, cond: Tensor | None = None) -> Tensor:
-        """Per-element flow-matching loss [B, H, A] (PI0Policy.forward) through DeepSpeed's hooks. Every
-        input goes to this rank's device here, the one place batches cross into the engine."""
+    def forward(
+        self, batch: PI0Batch, noise: Tensor, time: Tensor, cond: Tensor | None = None, repeats: int = 1
+    ) -> Tensor:
+        """Per-element flow-matching loss [R*B, H, A] (PI0Policy.forward: `repeats` branches per window
+        share one prefix pass) through DeepSpeed's hooks. Every input goes to this rank's device here, the
+        one place batches cross into the engine."""
         dev = self.device
         cond = None if cond is None else cond.to(dev, non_blocking=True)
-        return self._engine(batch.to(dev), noise.to(dev, non_blocking=True), time.to(dev), cond)
+        noise = noise.to(dev, non_blocking=True)
+        return self._engine(batch.to(dev), noise, time.to(dev), cond, repeats=repeats)
 
     __call__ = forward
 

@@ -4,12 +4,13 @@ A worker process per env buys crash isolation and parallel rendering, which LIBE
 synthetic env steps in microseconds, so there the processes only add IPC and ~1 s of spawn time
 each (tools/bench/inline_pool.py on 2 cores: 1.23x faster than 4 worker processes, 17.7x than 16,
 which oversubscribe the cores). Commands execute at once; `gather()` returns the replies, as
-EnvPool's would arrive.
+EnvPool's would arrive. Nothing runs in the background, so a pipelined rollout gains nothing here.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -19,6 +20,8 @@ from ript_ds.env.pool import EnvFactory, SlotReply, run_actions
 
 class InlinePool:
     """`num_workers` slots, each with its own env per task, stepped in the calling process."""
+
+    runs_in_background = False  # a command has run when its send returns: nothing overlaps the policy
 
     def __init__(self, factory: EnvFactory, num_workers: int) -> None:
         if num_workers < 1:
@@ -45,9 +48,12 @@ class InlinePool:
     def send_step(self, slot: int, actions: np.ndarray) -> None:
         self._replies[slot] = run_actions(self._current[slot], np.asarray(actions, dtype=np.float32))
 
-    def gather(self) -> dict[int, SlotReply]:
-        replies, self._replies = self._replies, {}
-        return replies
+    def gather(self, slots: Iterable[int] | None = None) -> dict[int, SlotReply]:
+        """The replies of `slots` (None: all) since their last gather, as EnvPool.gather."""
+        if slots is None:
+            replies, self._replies = self._replies, {}
+            return replies
+        return {s: self._replies.pop(s) for s in slots if s in self._replies}
 
     def close(self) -> None:
         for envs in self._envs:

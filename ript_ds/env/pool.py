@@ -1,7 +1,9 @@
-"""N environments in worker processes, driven in lockstep, surviving worker crashes and hangs.
+"""N environments in worker processes, driven by one process, surviving worker crashes and hangs.
 
 The driver sends each slot one command (`send_reset` or `send_step`), then `gather()` waits for all
-pending replies at once. A worker that dies or overruns `timeout_s` is killed and restarted; its
+pending replies at once, or `gather(slots)` for some of them: the others go on stepping in their
+workers, which is what lets a pipelined rollout (rl/rollout.py) compute the policy for one group of
+slots while another group steps. A worker that dies or overruns `timeout_s` is killed and restarted; its
 reply comes back as a `SlotReply` with `failure` set, so one bad simulator never stalls a rollout.
 Workers cache one env per task because LIBERO env creation costs seconds.
 
@@ -23,6 +25,7 @@ import time
 import traceback
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -214,6 +217,9 @@ def _close_all() -> None:
 class EnvPool:
     """`num_workers` env slots; see the module docstring. Not thread-safe: one driver."""
 
+    # Commands run in the workers while the driver goes on: a rollout can overlap policy and env steps.
+    runs_in_background = True
+
     def __init__(
         self,
         factory: EnvFactory,
@@ -259,24 +265,28 @@ class EnvPool:
         with contextlib.suppress(BrokenPipeError, OSError):
             worker.conn.send(msg)
 
-    def gather(self) -> dict[int, SlotReply]:
-        """Wait for every pending command; never longer than timeout_s past the latest send."""
+    def gather(self, slots: Iterable[int] | None = None) -> dict[int, SlotReply]:
+        """Wait for the pending commands of `slots` (None: all); never longer than timeout_s past the
+        latest of their sends. Slots with nothing pending are skipped; the others keep running."""
+        wanted = set(self._pending) if slots is None else set(slots) & set(self._pending)
         replies: dict[int, SlotReply] = {}
-        while self._pending:
-            by_conn = {self._workers[s].conn: s for s in self._pending}
-            by_sentinel = {self._workers[s].process.sentinel: s for s in self._pending}
-            wait_s = max(0.0, min(self._pending.values()) - time.monotonic())
+        while wanted:
+            by_conn = {self._workers[s].conn: s for s in wanted}
+            by_sentinel = {self._workers[s].process.sentinel: s for s in wanted}
+            wait_s = max(0.0, min(self._pending[s] for s in wanted) - time.monotonic())
             for ready in wait([*by_conn, *by_sentinel], timeout=wait_s):
                 slot = by_conn.get(ready, by_sentinel.get(ready))
                 if slot in replies:  # both its pipe and its sentinel fired
                     continue
                 replies[slot] = self._receive(slot)
                 del self._pending[slot]
+                wanted.discard(slot)
             now = time.monotonic()
-            for slot in [s for s, deadline in self._pending.items() if deadline <= now]:
+            for slot in [s for s in wanted if self._pending[s] <= now]:
                 self.stats.timeouts += 1
                 replies[slot] = self._restart(slot, f"timeout after {self.timeout_s:g} s")
                 del self._pending[slot]
+                wanted.discard(slot)
         return replies
 
     def _receive(self, slot: int) -> SlotReply:

@@ -26,7 +26,8 @@ SUITE_ALIASES = {s.removeprefix("libero_"): s for s in SUITES if s.startswith("l
 SYNTHETIC_TASKS = 3  # --suite synthetic: tasks 0..2 (red, green, blue)
 PROTOCOL = (
     "DESIGN section 5: per task, episode i starts from the task's fixed init state i and resets with seed "
-    "{seed} + i right before its own reset; 10 settle steps; replan every 5 actions; episodes split over "
+    "{seed} + i right before its own reset; 10 settle steps; replan every 5 actions (or the checkpoint's "
+    "replan_steps); episodes split over "
     "ranks by index"
 )
 
@@ -53,6 +54,7 @@ class EvalOptions:
     camera_size: int = 256
     max_steps: int | None = None
     num_inference_steps: int | None = None
+    replan_steps: int | None = None  # None: the checkpoint's policy convention (a server's metadata), else 5
     dtype: str = "auto"  # auto | float32 | bfloat16
     step_timeout: float = 120.0
     out: str | None = None
@@ -121,6 +123,7 @@ def check_options(opts: EvalOptions) -> None:
         (opts.num_envs < 1, "--num-envs must be >= 1"),
         (opts.videos < 0, "--videos must be >= 0"),
         (opts.max_steps is not None and opts.max_steps < 1, "--max-steps must be >= 1"),
+        (opts.replan_steps is not None and opts.replan_steps < 1, "--replan-steps must be >= 1"),
         (opts.camera_size < 8, "--camera-size must be >= 8"),
         (
             opts.checkpoint and not Path(opts.checkpoint).is_dir(),
@@ -217,7 +220,12 @@ def build_cfg(opts: EvalOptions, suite: str, task_ids: list[int], checkpoint: Pa
         max_steps=opts.max_steps,
         synthetic_init_states=max(50, opts.episodes_per_task),
     )
-    cfg.rollout = replace(cfg.rollout, num_envs=opts.num_envs, step_timeout_s=opts.step_timeout)
+    cfg.rollout = replace(
+        cfg.rollout,
+        num_envs=opts.num_envs,
+        step_timeout_s=opts.step_timeout,
+        replan_every=opts.replan_steps,
+    )
     return cfg.validate()
 
 
@@ -258,12 +266,7 @@ def _evaluate(opts: EvalOptions, suite: str, task_ids: list[int], scratch: Path)
         comp = build_components(build_cfg(opts, suite, task_ids, checkpoint, scratch))
     except ConfigError as err:
         raise EvalError(str(err)) from None
-    too_few = [t.task_id for t in comp.tasks if t.num_init_states < opts.episodes_per_task]
-    if too_few:
-        raise EvalError(
-            f"tasks {too_few} have fewer than {opts.episodes_per_task} init states "
-            f"({min(t.num_init_states for t in comp.tasks)})"
-        )
+    check_init_states(comp.tasks, opts.episodes_per_task)
     policy = comp.policy.to(device).eval()
     dtype = resolve_dtype(opts.dtype, tag_dir)
     requests = runner.protocol_requests(comp.tasks, opts.episodes_per_task)
@@ -277,12 +280,23 @@ def _evaluate(opts: EvalOptions, suite: str, task_ids: list[int], scratch: Path)
         "guidance": opts.guidance,
         "dtype": dtype,
         "num_inference_steps": policy.arch.num_inference_steps,  # what sampled: build.arch_overrides
+        "replan_steps": comp.replan_every,
     }
     result.summary["policy"] = {"kind": "checkpoint", "checkpoint": str(Path(opts.checkpoint).resolve())}
     result.summary["checkpoint"] = str(Path(opts.checkpoint).resolve())
     result.summary["exported_from"] = str(tag_dir) if tag_dir else None
     runner.write_results(result, out, f"{suite} evaluation of {(tag_dir or Path(opts.checkpoint)).name}")
     return result.summary
+
+
+def check_init_states(tasks, episodes_per_task: int) -> None:
+    """Episode i starts from init state i: a task needs at least as many as the episodes asked."""
+    too_few = [t.task_id for t in tasks if t.num_init_states < episodes_per_task]
+    if too_few:
+        raise EvalError(
+            f"tasks {too_few} have fewer than {episodes_per_task} init states "
+            f"({min(t.num_init_states for t in tasks)}); lower --episodes-per-task"
+        )
 
 
 def _protocol(opts: EvalOptions, suite: str, task_ids: list[int], tasks) -> dict[str, Any]:
@@ -321,27 +335,32 @@ def _evaluate_server(opts: EvalOptions, suite: str, task_ids: list[int], scratch
         tasks, factory = build_tasks(cfg), build_env_factory(cfg, image_size=opts.image_size)
     except ConfigError as err:
         raise EvalError(str(err)) from None
+    check_init_states(tasks, opts.episodes_per_task)
     host, port = parse_address(opts.policy_server)
+    clients: list[RemotePolicy] = []
     try:
-        clients = [RemotePolicy(host, port) for _ in range(opts.num_envs)]
-    except ServerError as err:
-        raise EvalError(str(err)) from None
-    policy_fn = remote_policy_fn(clients)
+        clients += [RemotePolicy(host, port) for _ in range(opts.num_envs)]
+        replan = server_replan_steps(opts.replan_steps, clients[0].metadata)
+        policy_fn = remote_policy_fn(clients)
 
-    def roll_out(requests):
-        with EnvPool(factory, opts.num_envs, timeout_s=opts.step_timeout) as pool:
-            return collect(policy_fn, pool, requests).episodes
+        def roll_out(requests):
+            with EnvPool(factory, opts.num_envs, timeout_s=opts.step_timeout) as pool:
+                return collect(policy_fn, pool, requests, replan).episodes
 
-    try:
         result = runner.run_episodes(
             roll_out, runner.protocol_requests(tasks, opts.episodes_per_task), suite, tasks
         )
+    except ServerError as err:  # unreachable, not a policy server, or it failed a request mid-run
+        raise EvalError(str(err)) from None
     finally:
         for client in clients:
             client.close()
     out = Path(opts.out) if opts.out else Path("eval_server") / f"{host}_{port}"
     runner.write_videos(result, out / "videos", opts.videos)
-    result.summary["protocol"] = _protocol(opts, suite, task_ids, tasks) | {"image_size": opts.image_size}
+    result.summary["protocol"] = _protocol(opts, suite, task_ids, tasks) | {
+        "image_size": opts.image_size,
+        "replan_steps": replan,
+    }
     result.summary["policy"] = {
         "kind": "policy_server",
         "address": f"{host}:{port}",
@@ -350,6 +369,16 @@ def _evaluate_server(opts: EvalOptions, suite: str, task_ids: list[int], scratch
     result.summary["checkpoint"] = None
     runner.write_results(result, out, f"{suite} evaluation of the policy server at {host}:{port}")
     return result.summary
+
+
+def server_replan_steps(replan_steps: int | None, metadata: dict) -> int:
+    """--replan-steps, else the convention a ript-ds server sends in its metadata, else openpi's client's 5."""
+    from ript_ds.build import DEFAULT_REPLAN_STEPS
+
+    if replan_steps is not None:
+        return replan_steps
+    served = (metadata.get("policy") or {}).get("replan_steps") if isinstance(metadata, dict) else None
+    return served if isinstance(served, int) and served >= 1 else DEFAULT_REPLAN_STEPS
 
 
 def _roll_out(policy, comp, opts: EvalOptions, device, dtype: str) -> RollOut:
@@ -367,6 +396,6 @@ def _roll_out(policy, comp, opts: EvalOptions, device, dtype: str) -> RollOut:
             EnvPool(comp.env_factory, opts.num_envs, timeout_s=opts.step_timeout) as pool,
             bar as on_progress,
         ):
-            return collect(policy_fn, pool, requests, on_progress=on_progress).episodes
+            return collect(policy_fn, pool, requests, comp.replan_every, on_progress=on_progress).episodes
 
     return roll_out

@@ -5,12 +5,14 @@ against measurements in tests/test_estimate_memory.py and tools/bench/memory_che
 
 Parameters are counted exactly from the model definition (built on the meta device, so nothing is
 allocated). Activations are what autograd keeps for backward, derived op by op from PI0Policy's forward
-under bf16 autocast with fp32 parameters (our `model.dtype=bfloat16`), per joint transformer layer:
+under bf16 autocast with fp32 parameters (our `model.dtype=bfloat16`; under LoRA the frozen Gemma weights
+are stored in bf16), per joint transformer layer:
 
 - RMSNorm (computed in fp32): input x and the rsqrt when x requires grad, the normed output when the norm
   weight trains (4 bytes per element).
 - nn.Linear under autocast: a bf16 copy of its input when the weight trains, a bf16 copy of the weight when
-  the input requires grad (each projection casts its input separately, so q/k/v keep three copies).
+  the input requires grad (each projection casts its input separately, so q/k/v keep three copies); none
+  for a frozen weight the engine stores in bf16 (LoRA: engine/lora.store_frozen_bf16), saved as it is.
   A LoRA adapter adds a bf16 copy of the input and of the rank-r hidden state, and its B weight.
 - eager attention over [prefix | suffix]: bf16 q, the key and value expanded to all heads, the fp32
   softmax output and its bf16 copy (b x heads x T_q x T).
@@ -43,7 +45,7 @@ import torch
 from torch import nn
 
 from ript_ds.model.arch import GemmaArch, PI0Arch
-from ript_ds.model.pi0 import FP32_MODULE_MARKERS, unused_parameter_names
+from ript_ds.model.pi0 import keeps_fp32, unused_parameter_names
 from ript_ds.model.pi05 import make_policy
 
 BF16, FP32, INT64 = 2, 4, 8
@@ -58,14 +60,21 @@ class ParamInfo:
     trainable: bool
     low_precision: bool  # weight of an nn.Linear / Conv: autocast runs it in bf16, (its gradient all-reduce stays fp32: build_ds_config)
     used: bool  # read by the training forward (the last VLM layer's q/o/MLP and final norm are not)
+    storage: int = FP32  # bytes per element as the engine stores it (BF16: a frozen weight, below)
 
 
 def parameter_inventory(
-    arch: PI0Arch, lora_targets: Iterable[str] = (), lora_rank: int = 0, train_cond_embed: bool = True
+    arch: PI0Arch,
+    lora_targets: Iterable[str] = (),
+    lora_rank: int = 0,
+    train_cond_embed: bool = True,
+    frozen_bf16: bool = True,
 ) -> list[ParamInfo]:
     """Every parameter of make_policy(arch) (PI0 or PI0.5) as the engine trains it: full fine-tuning (all used parameters
     train) or, with `lora_targets` (module names, engine/lora.lora_target_names), frozen base weights
-    plus rank-`lora_rank` adapters A [r, in] and B [out, r] and, optionally, the condition embedding."""
+    plus rank-`lora_rank` adapters A [r, in] and B [out, r] and, optionally, the condition embedding.
+    frozen_bf16 (LoRA only; engine.lora.frozen_dtype=auto under model.dtype=bfloat16): the frozen weights
+    of the modules autocast runs in bf16 are stored in bf16 (engine/lora.store_frozen_bf16), the rest fp32."""
     with torch.device("meta"):
         policy = make_policy(arch)
     unused = set(unused_parameter_names(arch))
@@ -73,7 +82,7 @@ def parameter_inventory(
     low = {
         f"{m}.{n}" if m else n
         for m, mod in policy.named_modules()
-        if isinstance(mod, (nn.Linear, nn.Conv2d)) and not any(k in f".{m}." for k in FP32_MODULE_MARKERS)
+        if isinstance(mod, (nn.Linear, nn.Conv2d)) and not keeps_fp32(m)
         for n, _ in mod.named_parameters(recurse=False)
     }
     targets = set(lora_targets)
@@ -81,7 +90,9 @@ def parameter_inventory(
     out = []
     for name, p in policy.named_parameters():  # in the order DeepSpeed flattens them
         trainable = name not in unused and (not targets or (name == "cond_embed.weight" and train_cond_embed))
-        out.append(ParamInfo(name, p.numel(), trainable, name in low, name not in unused))
+        bf16 = bool(targets) and frozen_bf16 and not trainable and not keeps_fp32(name.rpartition(".")[0])
+        storage = BF16 if bf16 else FP32
+        out.append(ParamInfo(name, p.numel(), trainable, name in low, name not in unused, storage))
         module = name.removesuffix(".weight")
         if module in targets:  # peft registers the adapters right after the base layer
             layer = modules[module]
@@ -299,10 +310,11 @@ def activation_memory(
     lora_rank: int = 0,
     train_cond_embed: bool = True,
     trainable_low_precision: int = 0,
+    frozen_bf16: bool = True,
 ) -> Activations:
     """Activation bytes for `rows` training rows (windows x rows per window) on one rank.
     trainable_low_precision: elements of trainable Linear/Conv weights (autocast caches a bf16 copy of
-    each for the whole forward)."""
+    each for the whole forward). frozen_bf16: as parameter_inventory's (LoRA only)."""
     full = not lora_targets
     ranks = lora_ranks(lora_targets, lora_rank) if not full else {}
     p, s_len = seq.prefix(arch), seq.suffix(arch)
@@ -318,6 +330,8 @@ def activation_memory(
         layer, attended = _joint_layer(arch, rows, seq, i, full, ranks, rg)
         layers.append(layer)
         rg = (True, True) if attended else rg
+    if not full and frozen_bf16:  # a bf16-stored frozen weight is saved as it is: no copy to keep
+        layers = [Saved(layer.act, layer.w_train, 0) for layer in layers]
     if checkpointing:
         saved.act += arch.vlm.depth * FP32 * rows * (p * arch.vlm.width + s_len * arch.expert.width)
         saved.act += FP32 * rows * t * t  # the additive attention mask, an input of every layer
@@ -331,19 +345,23 @@ def activation_memory(
             saved.add(layer)
         recompute = 0
     cache = max(0, BF16 * trainable_low_precision - saved.w_train)
-    grad = _grad_working_set(arch, rows, seq)
+    grad = _grad_working_set(arch, rows, seq, ranks)
     return Activations(saved.total, saved.w_train + saved.w_frozen, cache, recompute, grad)
 
 
-def _grad_working_set(arch: PI0Arch, rows: int, seq: TokenLayout) -> int:
+def _grad_working_set(arch: PI0Arch, rows: int, seq: TokenLayout, ranks: dict | None = None) -> int:
     """Temporaries of one joint layer beyond what it saves: in backward the gradients of the MLP's gate and
     up outputs (bf16, tokens x mlp_dim, alive together), or of the attention scores (fp32 softmax
     gradient and its bf16 copy), whichever is larger; the forward's in-layer transient is about the same.
+    A down_proj adapter adds the fp32 gradient of its input: peft casts the bf16 MLP product to the
+    adapter's fp32 before lora_A (found once the frozen weights' bf16 copies no longer hid it).
     Calibrated against CPU allocation traces (tools/bench/memory_check.py): within ~10% of the peak."""
     p, s_len = seq.prefix(arch), seq.suffix(arch)
     g = arch.vlm
     attention = (FP32 + BF16) * rows * g.num_heads * (p + s_len) ** 2
     mlp = 2 * BF16 * rows * (p * g.mlp_dim + s_len * arch.expert.mlp_dim)
+    down = {stack for stack, _, proj in ranks or {} if proj == "down_proj"}
+    mlp += FP32 * rows * (p * g.mlp_dim * ("vlm" in down) + s_len * arch.expert.mlp_dim * ("expert" in down))
     return max(attention, mlp)
 
 

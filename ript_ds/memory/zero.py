@@ -3,7 +3,9 @@ parameter inventory and activation model of memory/activations.py. Pure arithmet
 
 How the engine keeps parameters (this dominates): bf16 runs as DeepSpeed's `torch_autocast`, so the model's
 parameters stay fp32 and every optimizer holds its own fp32 master partition as well (Psi = all parameters,
-Psi_t = trainable, N = ranks, bytes per rank):
+Psi_t = trainable, N = ranks, bytes per rank). Under LoRA the frozen weights of the modules autocast runs in
+bf16 (the Gemma projections and token embedding: Psi_b) are stored in bf16 (engine/lora.store_frozen_bf16),
+so "4 Psi" below reads 4 (Psi - Psi_b) + 2 Psi_b (ParamInfo.storage: bytes per element):
 
 | | ZeRO-2 | ZeRO-3 |
 |---|---|---|
@@ -12,7 +14,7 @@ Psi_t = trainable, N = ranks, bytes per rank):
 | Adam moments | 8 Psi_t / N | 8 Psi_t / N |
 | gradients | 4 x (Psi_t / N + whole parameters cut by the rank's slice boundaries), from backward to the step | 4 Psi_t / N flat buffer, always |
 | reduce buckets | one (every reduction is fp32: build_ds_config), (2 if overlap_comm) x reduce_bucket_size fp32 elements; backward only | reduce_bucket_size x 4 bytes, always |
-| gathered parameters | - | up to min(Psi, stage3_max_live_parameters + stage3_prefetch_bucket_size) x 4 in forward/backward (N > 1; one rank aliases its partition) |
+| gathered parameters | - | up to min(Psi, stage3_max_live_parameters + stage3_prefetch_bucket_size) elements (at the parameters' mean bytes per element) in forward/backward (N > 1; one rank aliases its partition) |
 
 Offload (ZeRO-3 + offload_optimizer/offload_param to cpu) moves master, moments and gradients (twice: the
 reduction buffer and the optimizer's gradient buffer) and the parameter partitions to pinned host memory;
@@ -22,7 +24,7 @@ Transients on top: autograd's full fp32 gradient of the largest trainable parame
 (the 257152 x 2048 token embedding: 2 GiB), and at the optimizer step (activations gone) a flat fp32 copy of
 the gradient partition beside the gradients (ZeRO-2 with N > 1; the fused AdamW adds none).
 
-Rollout phase (engine.rollout_context): under ZeRO-3 every parameter is gathered once, fp32 (4 Psi, N > 1);
+Rollout phase (engine.rollout_context): under ZeRO-3 every parameter is gathered once, as stored (4 Psi, N > 1);
 and because the whole rollout runs inside one torch.autocast, autocast caches a bf16 copy of every
 trainable Linear weight it uses (2 Psi_t_linear) until the rollout ends, at any stage.
 """
@@ -137,7 +139,6 @@ def model_state(
 ) -> ModelState:
     """Per-rank parameter, gradient, optimizer and bucket bytes (see the module table): of `rank`, or of
     the rank that holds the most (None)."""
-    total = sum(p.numel for p in params)
     trainable = sum(p.numel for p in params if p.trainable)
     part = _ceil_div(trainable, world)  # partitions are padded to equal sizes
     # One bucket per communication dtype; build_ds_config keeps every gradient reduction in fp32
@@ -146,13 +147,13 @@ def model_state(
     bucket = zero.reduce_bucket_size if zero.contiguous_gradients else 0
     master_moments = (FP32 + 2 * FP32) * part
     if zero.stage == 2:  # its buffers are fp32 whatever the dtype, doubled with overlap_comm
-        weights, host = FP32 * total, 0
+        weights, host = sum(p.numel * p.storage for p in params), 0  # the whole model, as stored
         buckets = bucket * FP32 * len(dtypes) * (2 if zero.overlap_comm else 1)
     else:
         # Persistent parameters stay whole beside their partition (one rank: the partition is the whole).
-        persistent = sum(p.numel for p in params if p.numel <= zero.persistence_threshold)
-        partitions = FP32 * sum(_ceil_div(p.numel, world) for p in params)
-        weights, host = (FP32 * persistent if world > 1 else 0), 0
+        persistent = sum(p.numel * p.storage for p in params if p.numel <= zero.persistence_threshold)
+        partitions = sum(p.storage * _ceil_div(p.numel, world) for p in params)
+        weights, host = (persistent if world > 1 else 0), 0
         if zero.offload_param:
             host += partitions
         else:
@@ -228,9 +229,12 @@ def estimate(
     trainable = [p for p in params if p.trainable]
     gathered = full = 0
     if zero.stage == 3 and (world > 1 or zero.offload_param):  # one rank without offload aliases
-        sharded = sum(p.numel for p in params if p.numel > zero.persistence_threshold)
-        gathered = FP32 * min(sharded, zero.max_live_parameters + zero.prefetch_bucket_size)
-        full = FP32 * sharded  # rollout_context gathers every parameter
+        sharded = [p for p in params if p.numel > zero.persistence_threshold]
+        numel = sum(p.numel for p in sharded)
+        full = sum(p.numel * p.storage for p in sharded)  # rollout_context gathers every parameter
+        # The live limit counts elements: take them at the mean bytes per element (LoRA's bf16 base: ~2).
+        limit = zero.max_live_parameters + zero.prefetch_bucket_size
+        gathered = full if numel <= limit else full * limit // numel
     autocast_cache = BF16 * sum(p.numel for p in trainable if p.low_precision and p.used)
     state = model_state(params, zero, world)
     # At the step (measured on CPU with the engine's fused AdamW, which adds no temporaries): a flat
@@ -244,7 +248,7 @@ def estimate(
     else:
         step = 2 * part
     if zero.stage == 3 and world > 1:  # after the step ZeRO-3 re-gathers the persistent parameters
-        step = max(step, FP32 * sum(p.numel for p in params if p.numel <= zero.persistence_threshold))
+        step = max(step, sum(p.numel * p.storage for p in params if p.numel <= zero.persistence_threshold))
     return Estimate(
         zero=zero,
         lora=lora,

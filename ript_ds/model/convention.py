@@ -20,10 +20,9 @@ Fields (openpi names in brackets, openpi src/openpi/training/config.py and polic
 - action_horizon [Pi0Config.action_horizon], replan_steps (actions executed per chunk, the LIBERO
   client's replan_steps), max_token_len [Pi0Config.max_token_len];
 - state_dim / action_dim: the env's real dims (LIBERO 8 / 7), zero-padded to the model's 32;
-- discrete_state_input: the state as 256 bins in a "Task: ..., State: ...;\\nAction: " prompt [Pi0Config.
-  discrete_state_input; lerobot pi05 always]: recorded (lerobot pi05 config.json) and refused where a
-  convention is applied (check_supported: the Processor, the trainer's checks, the server), since that prompt
-  is not built yet and the actions would be silently wrong (openpi pi05_libero: off).
+- discrete_state_input: the normalised, unpadded state as 256 bins in a "Task: ..., State: ...;\\nAction: "
+  prompt [Pi0Config.discrete_state_input; lerobot pi05 always], built by the Processor (model/processing.py
+  state_prompt); pi0.5 only, since pi0 would see the state twice (as its state token too).
 """
 
 from __future__ import annotations
@@ -94,11 +93,11 @@ class PolicyConvention:
                 raise ConventionError(f"policy convention ({self.source}): {message}")
 
     def check_supported(self) -> None:
-        """Raise ConventionError for what the Processor cannot apply yet (a recorded convention may hold it)."""
-        if self.discrete_state_input:
+        """Raise ConventionError for what the Processor cannot apply (a recorded convention may hold it)."""
+        if self.discrete_state_input and self.model_type != "pi05":
             raise ConventionError(
-                f"policy convention ({self.source}): discrete_state_input (the state as text in the prompt, "
-                "as lerobot's pi05 does) is not supported yet"
+                f"policy convention ({self.source}): discrete_state_input with model_type "
+                f"{self.model_type!r} is not supported (pi05 only: pi0 also feeds the state as a token)"
             )
 
     # ------------------------------------------------------------------ the action frame
@@ -204,7 +203,8 @@ def load_convention(directory: str | Path) -> PolicyConvention | None:
 
 
 def _from_lerobot_config(path: Path) -> PolicyConvention | None:
-    """lerobot >= 0.4 PI0Config / PI05Config fields; None for a config.json that is not lerobot's."""
+    """lerobot >= 0.4 PI0Config / PI05Config fields; None for a config.json that is not lerobot's. Where a
+    field is absent, lerobot's own class default applies (what lerobot itself would run), never ours."""
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -212,22 +212,91 @@ def _from_lerobot_config(path: Path) -> PolicyConvention | None:
     kind = cfg.get("type")
     if kind not in ("pi0", "pi05"):
         return None
-    modes = cfg.get("normalization_mapping") or {}
-    state_mode = str(modes.get("STATE", "MEAN_STD")).upper()
-    if state_mode not in ("MEAN_STD", "QUANTILES", "QUANTILE"):
-        raise ConventionError(f"{path}: normalization_mapping STATE {state_mode!r} is not supported")
-    # lerobot feeds its image features in config order, then `empty_cameras` masked slots.
-    images = [k for k in (cfg.get("input_features") or {}) if k.startswith("observation.images.")]
-    slots = [(name, ENV_CAMERAS[i]) for i, name in enumerate(images[: len(ENV_CAMERAS)])]
-    slots += [(f"empty_camera_{i}", None) for i in range(int(cfg.get("empty_cameras", 0)))] if slots else []
-    limit = cfg.get("tokenizer_max_length")
+    where = f"{path} (lerobot)"
+    if cfg.get("use_proprioceptive_memory"):  # lerobot MEM: the state through a projection, not the prompt
+        raise ConventionError(f"{where}: use_proprioceptive_memory is not supported")
+    horizon = int(cfg.get("chunk_size", 50))
+    replan = int(cfg.get("n_action_steps", horizon))  # lerobot's defaults are equal (50, 50)
+    if replan > horizon:  # lerobot's own __post_init__ refuses it too
+        raise ConventionError(f"{where}: n_action_steps {replan} > chunk_size {horizon}")
+    action_dim = _feature_dim(cfg.get("output_features"), "action", 7)
+    limit = cfg.get("tokenizer_max_length", 48 if kind == "pi0" else 200)
     return PolicyConvention(
         model_type=kind,
-        norm_mode="mean_std" if state_mode == "MEAN_STD" else "quantile",
-        image_slots=tuple(slots),
-        action_horizon=int(cfg.get("chunk_size", 50)),
-        replan_steps=int(cfg.get("n_action_steps", 5)),
-        max_token_len=None if limit is None else int(limit),
-        discrete_state_input=kind == "pi05",  # lerobot's pi05 prompt always carries the state bins
-        source=f"{path} (lerobot)",
+        norm_mode=_lerobot_norm_mode(cfg, kind, where),
+        delta_action_mask=_lerobot_delta_mask(cfg, action_dim),
+        image_slots=_lerobot_slots(cfg),
+        action_horizon=horizon,
+        replan_steps=replan,
+        max_token_len=int(limit),
+        state_dim=_feature_dim(cfg.get("input_features"), "observation.state", 8),
+        action_dim=action_dim,
+        discrete_state_input=kind == "pi05",  # Pi05PrepareStateTokenizerProcessorStep: always, without MEM
+        source=where,
     )
+
+
+_LEROBOT_MODES = {"MEAN_STD": "mean_std", "QUANTILES": "quantile"}
+
+
+def _lerobot_norm_mode(cfg: dict[str, Any], kind: str, where: str) -> str:
+    """normalization_mapping, else PI0Config's MEAN_STD / PI05Config's QUANTILES. lerobot's LIBERO pi0.5
+    recipe overrides it to MEAN_STD, so it is read, never assumed; one mode must serve state and actions."""
+    default = "MEAN_STD" if kind == "pi0" else "QUANTILES"
+    modes = cfg.get("normalization_mapping") or {}
+    state, action = (str(modes.get(k, default)).upper() for k in ("STATE", "ACTION"))
+    if state != action:
+        raise ConventionError(f"{where}: normalization_mapping STATE {state} != ACTION {action}")
+    if state not in _LEROBOT_MODES:
+        raise ConventionError(
+            f"{where}: normalization_mapping {state} is not supported (MEAN_STD, QUANTILES)"
+        )
+    return _LEROBOT_MODES[state]
+
+
+def _lerobot_delta_mask(cfg: dict[str, Any], action_dim: int) -> tuple[bool, ...]:
+    """use_relative_actions (lerobot >= 0.5, RelativeActionsProcessorStep._build_mask): every action dim
+    relative to the state except those whose name contains a relative_exclude_joints entry."""
+    if not cfg.get("use_relative_actions"):
+        return ()
+    excluded = [str(j).lower() for j in cfg.get("relative_exclude_joints", ["gripper"]) if j]
+    names = cfg.get("action_feature_names")
+    if not excluded or names is None:
+        return (True,) * action_dim
+    mask = [not any(e in str(n).lower() for e in excluded) for n in names[:action_dim]]
+    return tuple(mask + [True] * (action_dim - len(mask)))
+
+
+def _lerobot_slots(cfg: dict[str, Any]) -> tuple[tuple[str, str | None], ...]:
+    """lerobot's PI0/PI05 feed the image features found in the batch (in config order), then every other
+    one, `empty_camera_<i>` included (validate_features adds `empty_cameras` of them), as -1 pixels with
+    mask False (_preprocess_images). Here a feature named like an env camera takes it, the rest take the
+    remaining env cameras in order, and features left over are masked slots, never dropped."""
+    prefix = "observation.images."
+    features = cfg.get("input_features") or {}
+    names = [
+        k.removeprefix(prefix)
+        for k, f in features.items()
+        if (f.get("type") == "VISUAL" if isinstance(f, dict) and "type" in f else k.startswith(prefix))
+    ]
+    empty = [f"empty_camera_{i}" for i in range(int(cfg.get("empty_cameras", 0)))]
+    names += [e for e in empty if e not in names]  # lerobot <= 0.4 also saved them in input_features
+    if all(n.startswith("empty_camera_") for n in names):
+        # no real camera recorded: the env's cameras in their order, then the empty ones
+        names = [*ENV_CAMERAS, *names] if names else []
+    free = [c for c in ENV_CAMERAS if c not in names]
+    sources: dict[str, str | None] = {}
+    for name in names:
+        if name.startswith("empty_camera_"):
+            sources[name] = None
+        elif name in ENV_CAMERAS:
+            sources[name] = name
+        else:
+            sources[name] = free.pop(0) if free else None
+    fed = [(n, s) for n, s in sources.items() if s is not None]
+    return tuple(fed + [(n, s) for n, s in sources.items() if s is None])  # present first, as lerobot
+
+
+def _feature_dim(features: dict[str, Any] | None, key: str, default: int) -> int:
+    shape = ((features or {}).get(key) or {}).get("shape")
+    return int(shape[-1]) if shape else default

@@ -5,7 +5,8 @@ action/time projections) so checkpoints in its layout load unchanged, but run ou
 
 - training: one joint pass over [prefix | suffix] per layer (the reference's layout), each layer an
   ordinary function, so per-layer activation checkpointing works (transformers' own checkpointing feeds
-  the prefix to the expert as a mutable KV cache and breaks when layers are recomputed);
+  the prefix to the expert as a mutable KV cache and breaks when layers are recomputed); several suffix
+  branches per window (cfg's two conditions, fpo's draws: `repeats`) share one prefix pass (packing.py);
 - sampling: the image+text prefix runs once and its per-layer (K, V) are reused by every denoising step;
 - the numerics the reference (lerobot) fixes: float64 sinusoidal time embedding, eager attention with
   float32 softmax, masked cameras / padded text taking no position and no attention;
@@ -24,7 +25,6 @@ import contextlib
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,6 +33,7 @@ from transformers import PI0ForConditionalGeneration
 from transformers.models.gemma import modeling_gemma
 
 from ript_ds.model.arch import PI0Arch
+from ript_ds.model.packing import branch_mask, pack, unpack
 
 # The reference's additive mask value (openpi / lerobot); not -inf, so fully masked rows stay finite.
 ATTENTION_MASK_VALUE = -2.3819763e38
@@ -60,6 +61,12 @@ def precision(device: torch.device | str, dtype: str | torch.dtype) -> contextli
     if not bf16 and dtype not in ("float32", torch.float32):
         raise ValueError(f"precision: unsupported dtype {dtype}; use float32 or bfloat16")
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def keeps_fp32(module_name: str) -> bool:
+    """Whether the module of this name (as named_modules gives it) stays float32 when the Gemma stacks run
+    in bfloat16: the one rule of set_precision and of engine/lora's bfloat16 storage of frozen weights."""
+    return any(m in f".{module_name}." for m in FP32_MODULE_MARKERS)
 
 
 def _fp32(like: Tensor) -> contextlib.AbstractContextManager:
@@ -109,16 +116,6 @@ def additive_mask(mask_2d: Tensor) -> Tensor:
     return torch.where(mask_2d[:, None], 0.0, ATTENTION_MASK_VALUE)
 
 
-def sample_noise_time(arch: PI0Arch, n: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
-    """Training draws: noise ~ N(0, 1) [n, H, A] and time ~ Beta(1.5, 1) * 0.999 + 0.001 [n] (PI0's).
-
-    From a numpy Generator so the draws are the same on every device and replayable from a seed.
-    """
-    noise = rng.standard_normal((n, arch.chunk_size, arch.max_action_dim), dtype=np.float32)
-    time = (rng.beta(1.5, 1.0, size=n) * 0.999 + 0.001).astype(np.float32)
-    return torch.from_numpy(noise), torch.from_numpy(time)
-
-
 def _residual(h: Tensor, out: Tensor, gate: Tensor | None) -> Tensor:
     """h + out, or PI0.5's gated h + out * gate (the gate of the norm that fed the sub-block)."""
     return h + out if gate is None else h + out * gate
@@ -127,28 +124,6 @@ def _residual(h: Tensor, out: Tensor, gate: Tensor | None) -> Tensor:
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """RoPE on [B, heads, T, head_dim] with cos/sin [B, T, head_dim] (transformers' Gemma formula)."""
     return x * cos[:, None] + modeling_gemma.rotate_half(x) * sin[:, None]
-
-
-def reduce_loss(per_element: Tensor, step_mask: Tensor | None, action_dim: int) -> Tensor:
-    """Mean flow-matching loss per sample over valid chunk steps and the first `action_dim` dims.
-
-    per_element [B, H, A_model], step_mask [B, H] bool (None = all valid) -> [B] =
-    sum / (n_valid_steps * action_dim). A sample without valid steps gets 0, not NaN, so padding
-    samples can ride along in a micro-batch.
-    """
-    if step_mask is None:
-        step_mask = torch.ones(per_element.shape[:2], dtype=torch.bool, device=per_element.device)
-    if per_element.ndim != 3 or step_mask.shape != per_element.shape[:2]:
-        raise ValueError(
-            f"per_element {tuple(per_element.shape)} and step_mask {tuple(step_mask.shape)} mismatch"
-        )
-    if not 1 <= action_dim <= per_element.shape[-1]:
-        raise ValueError(f"action_dim {action_dim} not in [1, {per_element.shape[-1]}]")
-    real = per_element[..., :action_dim]  # [B, H, A]
-    # where(), not multiplication: padded positions may hold inf/NaN and 0 * NaN is NaN.
-    total = torch.where(step_mask.bool()[..., None], real, torch.zeros_like(real)).sum(dim=(1, 2))
-    n_valid = step_mask.bool().sum(dim=1).to(real.dtype)
-    return total / (n_valid.clamp(min=1.0) * action_dim)
 
 
 class PI0Policy(nn.Module):
@@ -191,7 +166,7 @@ class PI0Policy(nn.Module):
         if dtype == torch.bfloat16:
             for name, module in self.named_modules():
                 own = list(module.parameters(recurse=False))
-                if own and not any(m in f".{name}." for m in FP32_MODULE_MARKERS):
+                if own and not keeps_fp32(name):
                     module.to(torch.bfloat16)
         elif dtype != torch.float32:
             raise ValueError(f"set_precision: unsupported dtype {dtype}; use torch.float32 or torch.bfloat16")
@@ -202,9 +177,14 @@ class PI0Policy(nn.Module):
         them when no checkpoint supplies them."""
         return ("cond_embed.weight",)
 
+    # Residual-stream dtype when it is not the Gemma weights' own: engine/lora.py stores frozen weights in
+    # bfloat16 only to save memory, under an autocast that computes them in bfloat16 anyway, and sets
+    # float32 here so the stream (and so every output) stays that of float32 weights.
+    stream_dtype: torch.dtype | None = None
+
     @property
     def compute_dtype(self) -> torch.dtype:
-        return self.model.dit.layers[0].self_attn.q_proj.weight.dtype
+        return self.stream_dtype or self.model.dit.layers[0].self_attn.q_proj.weight.dtype
 
     # ------------------------------------------------------------------ embeddings
     def embed_prefix(self, batch: PI0Batch) -> tuple[Tensor, Tensor]:
@@ -295,43 +275,57 @@ class PI0Policy(nn.Module):
         cos: Tensor,
         sin: Tensor,
         ada: Tensor | None = None,
+        r: int = 1,
     ):
+        """pre [B, P, D_vlm], suf [R*B, S, D_expert]; only the attention sees the packed branches."""
         vlm_layer, exp_layer = self.model.vlm.language_model.layers[i], self.model.dit.layers[i]
         p = pre.shape[1]
         last = i == self.arch.vlm.depth - 1
         qp, kp, vp, _ = self._qkv(vlm_layer, pre, with_q=not last)
         qs, ks, vs, gate = self._qkv(exp_layer, suf, ada=ada)
+        qs, ks, vs = (pack(x, r) for x in (qs, ks, vs))  # [B, heads, R*S, head_dim]
+        k, v = rotate(torch.cat([kp, ks], dim=2), cos, sin), torch.cat([vp, vs], dim=2)
         if last:
             # Nothing reads the last VLM layer's prefix output: attend with the suffix queries only, so
             # its q_proj, o_proj and MLP do no work (and get no gradient).
-            qs = rotate(qs, cos[:, p:], sin[:, p:])
-            k = rotate(torch.cat([kp, ks], dim=2), cos, sin)
-            att = self._attend(exp_layer, qs, k, torch.cat([vp, vs], dim=2), mask[:, :, p:])
-            return pre, self._finish(exp_layer, suf, att, gate, ada)
-        q, k = rotate(torch.cat([qp, qs], dim=2), cos, sin), rotate(torch.cat([kp, ks], dim=2), cos, sin)
-        att = self._attend(vlm_layer, q, k, torch.cat([vp, vs], dim=2), mask)
-        return self._finish(vlm_layer, pre, att[:, :p]), self._finish(exp_layer, suf, att[:, p:], gate, ada)
+            att = self._attend(exp_layer, rotate(qs, cos[:, p:], sin[:, p:]), k, v, mask[:, :, p:])
+            return pre, self._finish(exp_layer, suf, unpack(att, r), gate, ada)
+        q = rotate(torch.cat([qp, qs], dim=2), cos, sin)
+        att = self._attend(vlm_layer, q, k, v, mask)
+        pre_out = self._finish(vlm_layer, pre, att[:, :p])
+        return pre_out, self._finish(exp_layer, suf, unpack(att[:, p:], r), gate, ada)
 
     def _joint_forward(
-        self, prefix: Tensor, prefix_pad: Tensor, suffix: Tensor, ada: Tensor | None = None
+        self,
+        prefix: Tensor,
+        prefix_pad: Tensor,
+        suffix: Tensor,
+        ada: Tensor | None = None,
+        repeats: int = 1,
     ) -> Tensor:
-        """All layers over [prefix | suffix]; returns the expert's normed output [B, S, D_expert] (S = 1 + H
-        for PI0, H for PI0.5). ada: the time condition of the expert's norms (PI0.5), else None."""
-        b, device = prefix.shape[0], prefix.device
-        pad = torch.cat([prefix_pad, torch.ones(b, suffix.shape[1], dtype=torch.bool, device=device)], dim=1)
+        """All layers over [prefix | suffix]; returns the expert's normed output [R*B, S, D_expert] (S = 1 + H
+        for PI0, H for PI0.5). ada: the time condition of the expert's norms (PI0.5), else None.
+
+        repeats R: suffix [R*B, S] holds R branches per window (row j*B+b: window b's branch j) sharing its
+        prefix [B, P]: the prefix runs once and the branches are packed after it, kept apart by branch_mask,
+        so each sees what it would alone. That wastes R(R-1)S^2 masked scores (a few % of P(P+RS))."""
+        b, r, device = prefix.shape[0], repeats, prefix.device
+        p, s = prefix.shape[1], suffix.shape[1]
+        pad = torch.cat([prefix_pad, torch.ones(b, s, dtype=torch.bool, device=device)], dim=1)
         blocks = torch.cat(
             [torch.zeros_like(prefix_pad, dtype=torch.long), self._suffix_blocks(b, device)], 1
         )
-        mask = additive_mask(attention_2d_mask(pad, blocks))
-        cos, sin = self._rope(prefix, torch.cumsum(pad, dim=1) - 1)
+        mask = additive_mask(branch_mask(attention_2d_mask(pad, blocks), p, r))
+        positions = torch.cumsum(pad, dim=1) - 1  # every branch at the positions it would have alone
+        cos, sin = self._rope(prefix, torch.cat([positions[:, :p], positions[:, p:].repeat(1, r)], dim=1))
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i in range(self.arch.vlm.depth):
             if use_ckpt:
                 prefix, suffix = checkpoint(
-                    self._joint_layer, i, prefix, suffix, mask, cos, sin, ada, use_reentrant=False
+                    self._joint_layer, i, prefix, suffix, mask, cos, sin, ada, r, use_reentrant=False
                 )
             else:
-                prefix, suffix = self._joint_layer(i, prefix, suffix, mask, cos, sin, ada)
+                prefix, suffix = self._joint_layer(i, prefix, suffix, mask, cos, sin, ada, r)
         return self._norm(self.model.dit.norm, suffix, ada)[0]  # the final norm's gate is unused
 
     def _velocity_out(self, suffix_out: Tensor) -> Tensor:
@@ -339,24 +333,38 @@ class PI0Policy(nn.Module):
             return self.action_out_proj(suffix_out[:, -self.arch.chunk_size :].to(torch.float32))
 
     # ------------------------------------------------------------------ training
-    def velocity(self, batch: PI0Batch, x_t: Tensor, time: Tensor, cond: Tensor | None = None) -> Tensor:
-        """Predicted flow velocity v(x_t, t | observation, c) with the prefix recomputed.  -> [B, H, A]."""
+    def velocity(
+        self, batch: PI0Batch, x_t: Tensor, time: Tensor, cond: Tensor | None = None, repeats: int = 1
+    ) -> Tensor:
+        """Predicted flow velocity v(x_t, t | observation, c) with the prefix recomputed.  -> [R*B, H, A]."""
         prefix, prefix_pad = self.embed_prefix(batch)
-        suffix = self.embed_suffix(batch.state, x_t, time, cond)
-        return self._velocity_out(self._joint_forward(prefix, prefix_pad, suffix, self.time_condition(time)))
+        suffix = self.embed_suffix(batch.state.repeat(repeats, 1), x_t, time, cond)
+        out = self._joint_forward(prefix, prefix_pad, suffix, self.time_condition(time), repeats)
+        return self._velocity_out(out)
 
-    def loss(self, batch: PI0Batch, noise: Tensor, time: Tensor, cond: Tensor | None = None) -> Tensor:
-        """Per-element flow-matching loss [B, H, A] with the given noise [B, H, A] and time [B]."""
+    def loss(
+        self, batch: PI0Batch, noise: Tensor, time: Tensor, cond: Tensor | None = None, repeats: int = 1
+    ) -> Tensor:
+        """Per-element flow-matching loss [R*B, H, A] with the given noise [R*B, H, A] and time [R*B].
+        repeats R: R branches (conditions, draws) per window, branch-major (row j*B+b: window b's branch
+        j); equal to the loss of the batch stacked R times, with the prefix run once per window."""
         if batch.actions is None:
             raise ValueError("PI0Policy.loss: batch.actions is None; training batches need target actions")
+        if noise.shape[0] != repeats * batch.batch_size:
+            raise ValueError(
+                f"PI0Policy.loss: {len(noise)} noise rows, not repeats x batch = {repeats} x {batch.batch_size}"
+            )
+        actions = batch.actions.repeat(repeats, 1, 1)  # [R*B, H, A]
         t = time[:, None, None]
-        x_t = t * noise + (1 - t) * batch.actions
-        v_t = self.velocity(batch, x_t, time, cond)
-        return F.mse_loss(noise - batch.actions, v_t, reduction="none")
+        x_t = t * noise + (1 - t) * actions
+        v_t = self.velocity(batch, x_t, time, cond, repeats)
+        return F.mse_loss(noise - actions, v_t, reduction="none")
 
-    def forward(self, batch: PI0Batch, noise: Tensor, time: Tensor, cond: Tensor | None = None) -> Tensor:
+    def forward(
+        self, batch: PI0Batch, noise: Tensor, time: Tensor, cond: Tensor | None = None, repeats: int = 1
+    ) -> Tensor:
         """= loss(); engines (DeepSpeed) call the module itself, so their forward hooks see the pass."""
-        return self.loss(batch, noise, time, cond)
+        return self.loss(batch, noise, time, cond, repeats)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

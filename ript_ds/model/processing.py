@@ -2,7 +2,9 @@
 
 Nothing here is model code (STYLE: config, model and pre/post-processing live apart). The tokenizer is
 PaliGemma's SentencePiece model (or a tokenizer.json) read from a local path; nothing is ever fetched.
-Prompt convention (openpi): BOS + prompt with '_' and newlines turned to spaces + '\\n', right-padded.
+Prompt convention (openpi PaligemmaTokenizer.tokenize): BOS + prompt with '_' and newlines turned to spaces
++ '\\n', right-padded; with the state in the prompt (pi0.5 `discrete_state_input`, what lerobot's pi05 always
+does) BOS + "Task: <prompt>, State: <256-way bins>;\\nAction: " (state_prompt).
 """
 
 from __future__ import annotations
@@ -21,6 +23,26 @@ from ript_ds.model.normalization import NormStats
 from ript_ds.model.pi0 import PI0Batch
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+STATE_BIN_EDGES = np.linspace(-1.0, 1.0, 256 + 1)[:-1]  # the 256 left edges of openpi's / lerobot's bins
+
+
+def clean_prompt(prompt: str) -> str:
+    """openpi and lerobot alike: strip, '_' and newlines to spaces, no lowercasing."""
+    return prompt.strip().replace("_", " ").replace("\n", " ")
+
+
+def state_bins(state: np.ndarray) -> np.ndarray:
+    """Normalised state [..., S] -> int bins: np.digitize on the 256 left edges of [-1, 1], minus one, so
+    values below -1 give -1 and values of 1 or more give 255 (no clipping, as openpi and lerobot)."""
+    return np.digitize(state, bins=STATE_BIN_EDGES) - 1
+
+
+def state_prompt(prompt: str, state: np.ndarray) -> str:
+    """The pi0.5 discrete-state prompt of lerobot's Pi05PrepareStateTokenizerProcessorStep (= openpi's
+    PaligemmaTokenizer.tokenize with a state). state [S]: normalised and unpadded (lerobot <= 0.4.4 padded
+    it to 32 dims first, lerobot >= 0.5 and openpi do not)."""
+    bins = " ".join(map(str, state_bins(state)))
+    return f"Task: {clean_prompt(prompt)}, State: {bins};\nAction: "
 
 
 class PromptTokenizer:
@@ -54,10 +76,14 @@ class PromptTokenizer:
                 raise ValueError(f"{path} has no <bos> token; PI0 prompts start with BOS")
             self.bos_id, self.vocab_size = bos, tok.get_vocab_size()
 
-    def encode(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
-        """-> tokens [L] int64, mask [L] bool (L = max_length). Over-long prompts are cut (and said so)."""
-        clean = prompt.strip().replace("_", " ").replace("\n", " ")
-        ids = [self.bos_id, *self._encode(clean), *self._encode("\n")]
+    def encode(self, prompt: str, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """-> tokens [L] int64, mask [L] bool (L = max_length), right-padded with 0. state [S] (normalised):
+        the discrete-state prompt, BOS + the whole text with no separate "\\n" (openpi and lerobot's default
+        special tokens add BOS, no EOS). Over-long prompts are refused, not cut as openpi / lerobot do."""
+        if state is None:
+            ids = [self.bos_id, *self._encode(clean_prompt(prompt)), *self._encode("\n")]
+        else:
+            ids = [self.bos_id, *self._encode(state_prompt(prompt, state))]
         if len(ids) > self.max_length:
             raise ValueError(
                 f"prompt {prompt!r} is {len(ids)} tokens, over tokenizer max_length={self.max_length}; raise it"
@@ -122,10 +148,27 @@ class Processor:
             self.convention.check_supported()
         self._prompt_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def tokenize(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
-        if prompt not in self._prompt_cache:  # a rollout asks for the same few prompts every step
-            self._prompt_cache[prompt] = self.tokenizer.encode(prompt)
-        return self._prompt_cache[prompt]
+    @property
+    def state_in_prompt(self) -> bool:
+        return self.convention is not None and self.convention.discrete_state_input
+
+    def tokenize(self, prompt: str, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One prompt's tokens, the one path of rollouts, training windows, eval and the server (batch
+        calls it). state [S]: the raw observation state, needed when the convention writes it into the
+        prompt (discrete_state_input); ignored otherwise."""
+        if not self.state_in_prompt:
+            if prompt not in self._prompt_cache:  # a rollout asks for the same few prompts every step
+                self._prompt_cache[prompt] = self.tokenizer.encode(prompt)
+            return self._prompt_cache[prompt]
+        if state is None:
+            raise ValueError(
+                f"this policy writes the observation state into its prompt (discrete_state_input, "
+                f"{self.convention.source}): tokenize(prompt, state)"
+            )
+        # float32 first, as lerobot's tensors: a rollout's float64 state and the float32 copy its training
+        # window stores must give the same bins, or the update would score another prompt than the rollout's
+        raw = np.asarray(state, dtype=np.float32)[None]
+        return self.tokenizer.encode(prompt, self.norm_stats.normalize(raw, "state")[0])
 
     def batch(
         self,
@@ -147,7 +190,7 @@ class Processor:
             extra = self.camera_slots - n
             pixels = torch.cat([pixels, torch.zeros(b, extra, *pixels.shape[2:])], dim=1)
             masks = torch.cat([masks, torch.zeros(b, extra, dtype=torch.bool)], dim=1)
-        toks = [self.tokenize(p) for p in prompts]
+        toks = [self.tokenize(p, s) for p, s in zip(prompts, states, strict=True)]
         state = _pad(self.norm_stats.normalize(states, "state"), self.max_state_dim)
         acts = None
         if actions is not None:  # executed env actions -> the model's frame (delta?), then normalised

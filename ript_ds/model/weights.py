@@ -456,3 +456,22 @@ def save_canonical(
     if convention is not None:
         convention.save(directory)
     return directory
+
+
+def missing_convention_hint(directory: str | Path) -> str | None:
+    """The warning for a checkpoint with no policy convention whose weights are not in our layout (an openpi
+    PyTorch directory, a lerobot one without its config.json): it runs with absolute actions and the env's
+    cameras in order, which is wrong for openpi's LIBERO checkpoints (pi0_libero is delta). None for
+    ript-ds checkpoints (their runs trained them that way). Reads the safetensors headers only."""
+    directory = Path(directory)
+    try:
+        keys = [k for f in weight_files(directory / CANONICAL_WEIGHTS) for k in read_header(f)]
+        if detect_layout(keys) == "canonical":
+            return None
+    except CheckpointError:
+        return None  # the loader reports unreadable weights itself
+    return (
+        f"{directory} has no policy.json: its actions are taken as absolute and its cameras in the env's order. "
+        "If it is an openpi checkpoint, record its training config's transforms: python "
+        f"tools/policy_convention.py {directory} --openpi-config pi0_libero --write (or its own config)"
+    )

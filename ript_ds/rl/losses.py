@@ -1,6 +1,6 @@
 """The update objectives of DESIGN section 3, as pure functions on per-sample losses.
 
-The model returns per-element flow-matching errors [B, H, A_model]; `ript_ds.model.pi0.reduce_loss`
+The model returns per-element flow-matching errors [B, H, A_model]; `ript_ds.model.flow.reduce_loss`
 turns them into one number per window, and the objectives combine those with advantages.
 
 Normalization (all three objectives): a sample with weight 0 is padding and contributes nothing,

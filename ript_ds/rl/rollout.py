@@ -1,8 +1,19 @@
 """Rollouts: many episodes through an EnvPool with one batched policy call per replanning step.
 
-All live envs advance in lockstep: observe -> one policy call for every live env -> each env
-executes the first `replan_every` actions of its chunk. A slot whose episode ended takes the next
-queued request at once; its reset goes out together with the other slots' step commands.
+Lockstep (pipeline_groups=1): observe -> one policy call for every live env -> each env executes
+the first `replan_every` actions of its chunk, while the driver waits. A slot whose episode ended
+takes the next queued request at once; its reset goes out together with the other slots' step
+commands.
+
+Pipelined (pipeline_groups=G >= 2): the slots form G groups that take turns. The driver gathers
+group g's replies, runs the policy for group g alone and sends its chunks, then turns to group
+g + 1 while group g's workers step: one group's env steps overlap the policy calls of the others.
+Episodes are the same as in lockstep (tests/test_pipelined_rollout.py), because of the seeding
+below. The default (None) pipelines only where it can pay (tools/bench/pipelined_rollout.py, 2
+cores: 1.63x with the policy on a core of its own, 0.95-0.98x where the driver shares the env
+workers' cores): envs in worker processes (pool.runs_in_background), at least MIN_GROUP_ENVS per
+group (each group adds one policy call per round), and a CPU core beyond one per env worker, so
+the policy's process is not scheduled against the envs it should overlap.
 
 Noise seeding (make_pi0_policy_fn): the flow-matching noise of an env's chunk is drawn from a torch
 Generator seeded by (episode seed, task id, init state, replan index) alone, so an episode's actions
@@ -12,6 +23,7 @@ do not depend on which other envs share the batch or on the order requests are s
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -117,57 +129,114 @@ def collect(
     action_dim: int = 7,
     on_progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    pipeline_groups: int | None = None,
 ) -> RolloutResult:
     """Run every request to the end (success, step cap or failure); see the module docstring.
 
-    on_progress(episodes finished, env steps so far) is called after every gathered round (progress bars).
-    should_stop() is asked after every gathered round too (nothing is pending then): once true, no
-    episode starts and every unfinished one, live or queued, ends with failure_reason PREEMPTED, so
-    it is never learned from. A preemption thus waits one round (replan_every env steps) for a safe
-    point instead of the whole request list (minutes on libero_10).
+    on_progress(episodes finished, env steps so far) is called after every gathered group (progress bars).
+    should_stop() is asked after every gathered group too: once true, no episode starts and every
+    unfinished one, live or queued, ends with failure_reason PREEMPTED, so it is never learned from;
+    the other groups' commands are awaited, leaving the pool idle. A preemption thus waits one round
+    (replan_every env steps) for a safe point instead of the whole request list (minutes on libero_10).
+    pipeline_groups: 1 = lockstep, G >= 2 = G alternating groups, None = pipeline_groups_for's default.
     """
     if replan_every < 1:
         raise ValueError(f"replan_every must be >= 1, got {replan_every}")
     reqs = [r if isinstance(r, RolloutRequest) else RolloutRequest(*r) for r in requests]
-    queue = deque(enumerate(reqs))
-    slots: list[_Live | None] = [None] * pool.num_workers
-    episodes: list[Episode | None] = [None] * len(reqs)
-    start, env_steps, calls, finished = time.perf_counter(), 0, 0, 0
-
-    def start_next(slot: int) -> None:
-        if queue:
-            index, req = queue.popleft()
-            slots[slot] = _Live(index, req)
-            pool.send_reset(slot, req.task, req.context.init_state_idx, req.seed)
-
-    for slot in range(pool.num_workers):
-        start_next(slot)
-    while any(s is not None for s in slots):
-        for slot, reply in pool.gather().items():
-            live = slots[slot]
-            env_steps += _apply_reply(live, reply)
-            if reply.failure is not None or reply.done:
-                episodes[live.index] = live.finish(reply.success, reply.failure, action_dim)
-                slots[slot] = None
-                finished += 1
-        if on_progress is not None:
-            on_progress(finished, env_steps)
-        if should_stop is not None and should_stop():
-            unfinished = [s for s in slots if s is not None] + [_Live(i, r) for i, r in queue]
-            for live in unfinished:
-                episodes[live.index] = live.finish(False, PREEMPTED, action_dim)
-            break
-        waiting = [i for i, s in enumerate(slots) if s is not None and s.obs is not None]
-        if waiting:
-            calls += 1
-            chunks = _query(policy_fn, [slots[i] for i in waiting], replan_every, action_dim)
-            for i, chunk in zip(waiting, chunks, strict=True):
-                slots[i].obs = None
-                pool.send_step(i, chunk)
+    groups = slot_groups(pool.num_workers, pipeline_groups_for(pool, pipeline_groups))
+    run = _Run(pool, reqs, action_dim)
+    try:
         for slot in range(pool.num_workers):
-            if slots[slot] is None:
-                start_next(slot)  # its reset travels with this round's step commands
-    return RolloutResult(episodes=list(episodes), stats=_stats(episodes, env_steps, start, calls))
+            run.start_next(slot)
+        while run.busy():
+            for group in groups:
+                run.absorb(pool.gather(group))
+                if on_progress is not None:
+                    on_progress(run.finished, run.env_steps)
+                if should_stop is not None and should_stop():
+                    run.preempt()
+                    pool.gather()  # the other groups' commands: the pool's next user finds it idle
+                    return run.result()
+                run.step(policy_fn, group, replan_every)
+    except Exception:
+        pool.gather()  # as above, so a caller that handles the error can reuse the pool
+        raise
+    return run.result()
+
+
+MIN_GROUP_ENVS = 2  # default pipelining only with this many envs per group: one env per call wastes a batch
+
+
+def pipeline_groups_for(pool: EnvPool, requested: int | None, cores: int | None = None) -> int:
+    """How many slot groups collect() alternates: `requested` (checked), or with None 2 when the pool
+    steps its envs in worker processes, MIN_GROUP_ENVS or more per group, and this process may use
+    more `cores` (default: its CPU affinity) than there are workers; else 1 (lockstep)."""
+    if requested is None:
+        cores = len(os.sched_getaffinity(0)) if cores is None else cores
+        background = getattr(pool, "runs_in_background", False)
+        return 2 if background and 2 * MIN_GROUP_ENVS <= pool.num_workers < cores else 1
+    if not 1 <= requested <= pool.num_workers:
+        raise ValueError(f"pipeline_groups must be in [1, {pool.num_workers}] (the slots), got {requested}")
+    return requested
+
+
+def slot_groups(num_slots: int, groups: int) -> list[list[int]]:
+    """Contiguous groups of near-equal size: 5 slots in 2 groups -> [[0, 1], [2, 3, 4]]."""
+    return [list(range(g * num_slots // groups, (g + 1) * num_slots // groups)) for g in range(groups)]
+
+
+class _Run:
+    """One collect()'s bookkeeping: the episode on each slot, the queue, the finished episodes."""
+
+    def __init__(self, pool: EnvPool, reqs: list[RolloutRequest], action_dim: int) -> None:
+        self.pool, self.action_dim = pool, action_dim
+        self.queue = deque(enumerate(reqs))
+        self.slots: list[_Live | None] = [None] * pool.num_workers
+        self.episodes: list[Episode | None] = [None] * len(reqs)
+        self.start = time.perf_counter()
+        self.env_steps = self.calls = self.finished = 0
+
+    def busy(self) -> bool:
+        return any(s is not None for s in self.slots)
+
+    def start_next(self, slot: int) -> None:
+        if self.queue:
+            index, req = self.queue.popleft()
+            self.slots[slot] = _Live(index, req)
+            self.pool.send_reset(slot, req.task, req.context.init_state_idx, req.seed)
+
+    def absorb(self, replies: dict[int, SlotReply]) -> None:
+        for slot, reply in replies.items():
+            live = self.slots[slot]
+            self.env_steps += _apply_reply(live, reply)
+            if reply.failure is not None or reply.done:
+                self.episodes[live.index] = live.finish(reply.success, reply.failure, self.action_dim)
+                self.slots[slot] = None
+                self.finished += 1
+
+    def step(self, policy_fn: PolicyFn, group: list[int], replan_every: int) -> None:
+        """One policy call for the group's slots that observed; their chunks go out, and the group's
+        free slots take the next requests (their resets travel with the chunks)."""
+        waiting = [i for i in group if self.slots[i] is not None and self.slots[i].obs is not None]
+        if waiting:
+            self.calls += 1
+            chunks = _query(policy_fn, [self.slots[i] for i in waiting], replan_every, self.action_dim)
+            for i, chunk in zip(waiting, chunks, strict=True):
+                self.slots[i].obs = None
+                self.pool.send_step(i, chunk)
+        for slot in group:
+            if self.slots[slot] is None:
+                self.start_next(slot)
+
+    def preempt(self) -> None:
+        unfinished = [s for s in self.slots if s is not None] + [_Live(i, r) for i, r in self.queue]
+        for live in unfinished:
+            self.episodes[live.index] = live.finish(False, PREEMPTED, self.action_dim)
+        self.slots, self.queue = [None] * len(self.slots), deque()
+
+    def result(self) -> RolloutResult:
+        stats = _stats(self.episodes, self.env_steps, self.start, self.calls)
+        return RolloutResult(episodes=list(self.episodes), stats=stats)
 
 
 def _apply_reply(live: _Live, reply: SlotReply) -> int:

@@ -1,8 +1,9 @@
 """The policy update of one RIPT iteration: windows -> a global plan -> optimizer steps -> backend calls.
 
 The backend is whatever owns the optimizer: `TorchBackend` here (one process, tests), or the DeepSpeed
-engine (engine/deepspeed.py) in training. It is called as `forward(batch, noise, time, cond)` -> per-element
-loss (the backend moves every input to its device), `backward(loss)` (accumulate, no scaling) and `step()`
+engine (engine/deepspeed.py) in training. It is called as `forward(batch, noise, time, cond, repeats)` ->
+per-element loss (the backend moves every input to its device; `repeats` branches per window of the batch,
+which share one prefix pass: PI0Policy.loss), `backward(loss)` (accumulate, no scaling) and `step()`
 (optimizer step now; the caller owns the accumulation boundary).
 
 Weighting (one rule for every objective, rank count and micro-batching): a window's objective l_b is
@@ -28,11 +29,11 @@ and backward passes (collectives inside) and every update ends on an optimizer s
 are keyed by (seed, epoch, window key): the same on 1 or N ranks.
 
 Objectives (rl/losses.py, DESIGN section 3):
-- cfg (classifier-free-guidance RIPT, `guided_loss`): one forward of 2B rows, c=positive for the first B
-  and c=none for the last B;
+- cfg (classifier-free-guidance RIPT, `guided_loss`): one forward of 2B suffix rows over B prefixes,
+  c=positive for the first B and c=none for the last B;
 - awr: one forward with no condition, weights exp(A / beta);
-- fpo: M draws per window; the old losses are computed once, before the first epoch, from the policy
-  that collected the rollouts.
+- fpo: M draws per window (M B suffix rows over B prefixes); the old losses are computed once, before the
+  first epoch, from the policy that collected the rollouts.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ import torch
 from torch import Tensor
 
 from ript_ds.config import GUIDED, RiptCfg, TrainCfg
-from ript_ds.model.pi0 import PI0Batch, PI0Policy, reduce_loss, sample_noise_time
+from ript_ds.model.flow import reduce_loss, sample_noise_time
+from ript_ds.model.pi0 import PI0Batch, PI0Policy
 from ript_ds.model.processing import Processor
 from ript_ds.rl.losses import awr_loss, fpo_loss, guided_loss
 from ript_ds.rl.types import Window
@@ -60,7 +62,9 @@ class UpdateBackend(Protocol):
     device: torch.device  # where the micro-batch's masks and weights go
     world_size: int  # data-parallel ranks whose gradients the backend averages
 
-    def forward(self, batch: PI0Batch, noise: Tensor, time: Tensor, cond: Tensor | None) -> Tensor: ...
+    def forward(
+        self, batch: PI0Batch, noise: Tensor, time: Tensor, cond: Tensor | None, repeats: int = 1
+    ) -> Tensor: ...
 
     def backward(self, loss: Tensor) -> None: ...
 
@@ -196,9 +200,11 @@ class TorchBackend:
     def device(self) -> torch.device:
         return next(self.policy.parameters()).device
 
-    def forward(self, batch: PI0Batch, noise: Tensor, time: Tensor, cond: Tensor | None) -> Tensor:
-        dev = self.device
-        return self.policy(batch.to(dev), noise.to(dev), time.to(dev), None if cond is None else cond.to(dev))
+    def forward(
+        self, batch: PI0Batch, noise: Tensor, time: Tensor, cond: Tensor | None, repeats: int = 1
+    ) -> Tensor:
+        dev, cond = self.device, None if cond is None else cond.to(self.device)
+        return self.policy(batch.to(dev), noise.to(dev), time.to(dev), cond, repeats=repeats)
 
     def backward(self, loss: Tensor) -> None:
         loss.backward()
@@ -244,15 +250,6 @@ def _draws(arch, keys: Sequence[tuple[int, int] | None], entropy: Sequence[int],
     return noise, torch.stack([d[1] for d in draws], dim=1).flatten()
 
 
-def _repeat(batch: PI0Batch, n: int) -> PI0Batch:
-    """n stacked copies along the batch axis (every tensor [B, ...] -> [n B, ...])."""
-
-    def rep(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.repeat(n, *([1] * (t.ndim - 1)))
-
-    return PI0Batch(*(rep(getattr(batch, f)) for f in batch.__dataclass_fields__))
-
-
 class _Objective:
     """One micro-batch's loss under ript.loss; the normalizer makes it a share of L_s."""
 
@@ -272,7 +269,7 @@ class _Objective:
 
     def _fpo_losses(self, mb: _MicroBatch, m: int) -> Tensor:
         noise, time = _draws(self.arch, mb.keys, (self.seed, _FPO_TAG), m)
-        per = self.backend.forward(_repeat(mb.inputs.batch, m), noise, time, None)
+        per = self.backend.forward(mb.inputs.batch, noise, time, None, repeats=m)  # one prefix per window
         return reduce_loss(per, mb.inputs.step_mask.repeat(m, 1), self.action_dim).view(m, -1).T  # [B, M]
 
     def __call__(self, mb: _MicroBatch, epoch: int, normalizer: float) -> tuple[Tensor, dict[str, float]]:
@@ -285,9 +282,9 @@ class _Objective:
             return res.loss, {"fpo/ratio": float(res.ratio_mean), "fpo/clip_frac": float(res.clip_frac)}
         noise, time = _draws(self.arch, mb.keys, (self.seed, epoch))
         if ript.guided:
-            # One forward of 2B rows: c=positive then c=none, at the same noise and time.
+            # One forward of 2B suffix rows over B prefixes: c=positive then c=none, same noise and time.
             cond = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)])
-            per = self.backend.forward(_repeat(inputs.batch, 2), noise.repeat(2, 1, 1), time.repeat(2), cond)
+            per = self.backend.forward(inputs.batch, noise.repeat(2, 1, 1), time.repeat(2), cond, repeats=2)
             both = reduce_loss(per, inputs.step_mask.repeat(2, 1), self.action_dim)
             res = guided_loss(
                 both[:b], both[b:], inputs.advantage, ript.uncond_weight, inputs.weight, normalizer

@@ -15,6 +15,7 @@ rollouts and windows use. Requests are validated one by one (`prepare`) and may 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,9 @@ from ript_ds.model.convention import ConventionError, PolicyConvention, load_con
 from ript_ds.model.normalization import load_norm_stats
 from ript_ds.model.pi0 import PI0Policy, precision
 from ript_ds.model.processing import TOKENIZER_FILES, Processor, PromptTokenizer
-from ript_ds.model.weights import CheckpointError, load_checkpoint
+from ript_ds.model.weights import CheckpointError, load_checkpoint, missing_convention_hint
+
+log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("observation/image", "observation/wrist_image")  # -> env cameras "image", "wrist_image"
 STATE_KEY, PROMPT_KEY = "observation/state", "prompt"
@@ -60,7 +63,10 @@ class Policy:
     processor: Processor
     device: torch.device
     dtype: str = "float32"
-    guidance: float | None = None  # None: the plain model, as openpi samples it
+    # CFG weight w, as training rollouts and launch/eval.py sample (their default 1.0: the positive
+    # condition alone); None: the plain model. A checkpoint never trained with guidance is the same either
+    # way (its two condition rows are equal), a cfg-trained one is only right with the weight it was evaluated at.
+    guidance: float | None = 1.0
     num_steps: int | None = None  # denoising steps; None: the checkpoint's
     seed: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)  # sent to clients on connect
@@ -94,11 +100,12 @@ class Policy:
             prompt = prompt.decode("utf-8", errors="replace")
         if not isinstance(prompt, str):
             raise PolicyInputError(f"{PROMPT_KEY} must be a string, got {type(prompt).__name__}")
-        try:
-            self.processor.tokenize(prompt)
+        state = self._state(obs[STATE_KEY])
+        try:  # with the state: a discrete_state_input policy writes it into the prompt (lerobot pi05)
+            self.processor.tokenize(prompt, state)
         except ValueError as err:  # over the checkpoint's token limit
             raise PolicyInputError(f"{PROMPT_KEY}: {err}") from None
-        return Prepared(images, self._state(obs[STATE_KEY]), prompt, self._noise(noise))
+        return Prepared(images, state, prompt, self._noise(noise))
 
     def _state(self, value: Any) -> np.ndarray:
         state = np.asarray(value)
@@ -167,13 +174,14 @@ def load_policy(
     device: str | torch.device | None = None,
     *,
     dtype: str = "float32",
-    guidance: float | None = None,
+    guidance: float | None = 1.0,
     num_steps: int | None = None,
 ) -> Policy:
     """A canonical / converted openpi / lerobot / openpi-PyTorch checkpoint directory as a Policy.
 
     tokenizer_path: where the checkpoint holds no tokenizer.model / tokenizer.json. device: default the
-    first GPU when there is one. Raises PolicyLoadError (one line) on a checkpoint that cannot be served."""
+    first GPU when there is one. guidance: the CFG weight w (default 1.0, what training rollouts and
+    launch/eval.py use; None: the plain model). Raises PolicyLoadError (one line) on a checkpoint that cannot be served."""
     directory = Path(checkpoint_dir)
     if not directory.is_dir():
         raise PolicyLoadError(f"checkpoint directory {directory} does not exist")
@@ -202,6 +210,8 @@ def load_policy(
     if tokenizer.vocab_size > loaded.policy.arch.vocab_size:
         raise PolicyLoadError(f"tokenizer {tokenizer.path} has more pieces than the model has embeddings")
     arch = loaded.policy.arch
+    if convention is None and (hint := missing_convention_hint(directory)):
+        log.warning(hint)
     conv = convention or PolicyConvention(image_slots=(), max_token_len=None, source="defaults")
     processor = Processor(
         tokenizer, stats, conv.action_dim, arch.max_state_dim, arch.max_action_dim, convention=convention
@@ -211,7 +221,12 @@ def load_policy(
         if device is not None
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    metadata = {"policy": conv.to_dict(), "action_horizon": arch.chunk_size, "server": "ript-ds"}
+    metadata = {
+        "policy": conv.to_dict(),
+        "action_horizon": arch.chunk_size,
+        "guidance": guidance,
+        "server": "ript-ds",
+    }
     return Policy(loaded.policy.to(dev).eval(), processor, dev, dtype, guidance, num_steps, metadata=metadata)
 
 

@@ -47,8 +47,9 @@ from ript_ds.env.pool import EnvFactory
 from ript_ds.env.synthetic import STATE_DIM, ScriptedExpert, SyntheticEnv, synthetic_tasks
 from ript_ds.eval.runner import context_requests, run_episodes
 from ript_ds.model.arch import GemmaArch, PI0Arch, VisionArch
+from ript_ds.model.flow import reduce_loss, sample_noise_time
 from ript_ds.model.normalization import FeatureStats, NormStats
-from ript_ds.model.pi0 import PI0Policy, reduce_loss, sample_noise_time
+from ript_ds.model.pi0 import PI0Policy
 from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
 from ript_ds.rl.rollout import RolloutRequest, RolloutResult, collect, make_pi0_policy_fn
 from ript_ds.rl.types import Context, Episode
@@ -268,7 +269,7 @@ def behaviour_clone(
     """AdamW on the flow-matching loss over every window of `episodes`; returns the loss per step.
 
     Windows are drawn without replacement (reshuffled each pass) from a seeded torch generator;
-    noise and time come from model.pi0.sample_noise_time (the RL update's sampler) with a numpy
+    noise and time come from model.flow.sample_noise_time (the RL update's sampler) with a numpy
     generator from the same seed. `tasks` maps task ids to instructions (default: the
     synthetic tasks numbered like the episodes' contexts). cond=None (see the module docstring).
     """

@@ -35,7 +35,8 @@ from report import write_section
 from ript_ds.build import build_policy
 from ript_ds.config import load_config
 from ript_ds.env.base import ACTION_DIM
-from ript_ds.model.pi0 import PI0Batch, reduce_loss
+from ript_ds.model.flow import reduce_loss
+from ript_ds.model.pi0 import PI0Batch
 from ript_ds.model.processing import PromptTokenizer, build_tiny_tokenizer
 from ript_ds.rl.losses import guided_loss
 

@@ -110,9 +110,12 @@ def training_policy(arch: PI0Arch, lora_rank: int) -> tuple[torch.nn.Module, lis
         return policy.train(), []
     from peft import LoraConfig, get_peft_model
 
+    from ript_ds.engine.lora import store_frozen_bf16
+
     targets = lora_targets(policy, lora_rank)
     model = get_peft_model(policy, LoraConfig(r=lora_rank, lora_alpha=16, target_modules=targets))
     policy.cond_embed.weight.requires_grad_(True)
+    store_frozen_bf16(policy)  # as the engine stores a bf16 run's frozen base
     return model.train(), targets
 
 

@@ -15,7 +15,8 @@ import torch
 from report import write_section
 from sample_latency import bench_arch, timed
 
-from ript_ds.model.pi0 import PI0Batch, reduce_loss
+from ript_ds.model.flow import reduce_loss
+from ript_ds.model.pi0 import PI0Batch
 from ript_ds.model.pi05 import make_policy
 
 SETTINGS = {"pi0": (48, 50), "pi05": (200, 10)}  # (text tokens, chunk)

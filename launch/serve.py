@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import socket
 import sys
 
@@ -59,8 +60,8 @@ def _guidance(p: _Parser, text: str) -> float | None:
         value = float(text)
     except ValueError:
         p.error(f"--guidance must be a number or 'none', got {text!r}")
-    if not value >= 0:  # also NaN
-        p.error(f"--guidance {text} must be >= 0 (0 = the unconditioned branch)")
+    if not (math.isfinite(value) and value >= 0):
+        p.error(f"--guidance {text} must be a finite number >= 0 (0 = the unconditioned branch)")
     return value
 
 

@@ -292,5 +292,9 @@ def build_components(cfg: ExperimentCfg, policy: PI0Policy | None = None) -> Com
     policy = build_policy(cfg)[0] if policy is None else policy
     processor = build_processor(cfg, tasks, checkpoint_norm_stats(cfg), policy.arch)
     check_horizon(processor.convention, policy.arch, cfg.rollout.replan_every)
+    try:
+        processor.check_prompts([t.instruction for t in tasks])
+    except ValueError as err:  # over the checkpoint's token limit
+        raise ConfigError(f"env tasks: {err}") from None
     replan = replan_steps(cfg.rollout.replan_every, processor.convention)
     return Components(tasks, policy, processor, build_env_factory(cfg, policy.arch), replan)

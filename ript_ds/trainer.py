@@ -58,10 +58,13 @@ def write_policy_files(run_dir: Path, comp: Components, arch) -> None:
     export (tools/export.py) or launch/eval.py of any tag then applies exactly what training applied, also
     for a run that started from no checkpoint (there is no base to read them from). Rank 0."""
     proc = comp.processor
+    state = proc.norm_stats.state
     conv = proc.convention or PolicyConvention(  # what the processor does without one, spelled out
         model_type=arch.model_type,
+        norm_mode=proc.norm_stats.mode,  # the statistics' own mode: loaders normalise in the convention's
         image_slots=(),
         max_token_len=proc.tokenizer.max_length,
+        state_dim=len(state.mean if state.mean is not None else state.q01),
         action_dim=proc.action_dim,
         source="run",
     )
@@ -109,8 +112,8 @@ class Trainer:
         self.engine = self._build_engine()
         self.comp: Components = build_components(cfg, policy=self.engine.module)
         # The resolved value (the checkpoint's replan_steps when unset) is what config.yaml and the
-        # checkpoints record and what a resume compares: runs from before the default became "the
-        # checkpoint's" saved 5, which a resume without the key still matches.
+        # checkpoints record and what a resume compares; unset, a resume keeps the run's own (_resume).
+        self._replan_unset = cfg.rollout.replan_every is None
         cfg.rollout = replace(cfg.rollout, replan_every=self.comp.replan_every)
         self.sampler = SmartSampler(
             self.comp.tasks,
@@ -126,14 +129,7 @@ class Trainer:
             self.pool = EnvPool(
                 self.comp.env_factory, cfg.rollout.num_envs, timeout_s=cfg.rollout.step_timeout_s
             )
-        if dist.is_main():
-            cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            # The trained network's sizes, so export / launch/eval.py need no guessing (a random-init run
-            # has no base checkpoint to read them from).
-            arch = json.dumps(self.engine.module.arch.to_dict(), indent=1)
-            (cfg.run_dir / CANONICAL_ARCH).write_text(arch)
-            write_policy_files(cfg.run_dir, self.comp, self.engine.module.arch)
+        self._write_run_files()
         self.ckpt = CheckpointManager(
             cfg.run_dir, cfg.ckpt.keep_last, dist.rank(), dist.world_size(), dist.barrier
         )
@@ -145,6 +141,30 @@ class Trainer:
         if resumed is not None:
             self.metrics.truncate_after(resumed.iteration)
         return self
+
+    def _write_run_files(self) -> None:
+        """config.yaml, the arch and the policy files beside the checkpoints (rank 0)."""
+        if not dist.is_main():
+            return
+        cfg = self.cfg
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        # The trained network's sizes, so export / launch/eval.py need no guessing (a random-init run
+        # has no base checkpoint to read them from).
+        arch = json.dumps(self.engine.module.arch.to_dict(), indent=1)
+        (cfg.run_dir / CANONICAL_ARCH).write_text(arch)
+        write_policy_files(cfg.run_dir, self.comp, self.engine.module.arch)
+
+    def _keep_resumed_replan(self, saved: dict) -> None:
+        """rollout.replan_every left unset on resume means the run's own value, not a new default (a run
+        saved before the default became "the checkpoint's replan_steps" recorded 5)."""
+        value = (saved.get("rollout") or {}).get("replan_every")
+        if not self._replan_unset or not isinstance(value, int) or value == self.comp.replan_every:
+            return
+        log.info("rollout.replan_every unset: keeping the resumed run's %d", value)
+        self.comp.replan_every = value
+        self.cfg.rollout = replace(self.cfg.rollout, replan_every=value)
+        self._write_run_files()
 
     def _wandb_cfg(self, resumed: TrainState | None) -> dict | None:
         """wandb.init arguments; offline unless WANDB_MODE says otherwise; the run id survives resume."""
@@ -175,6 +195,7 @@ class Trainer:
         if path is None:
             return None
         state = self.ckpt.load(self.engine, Path(path))
+        self._keep_resumed_replan(state.config)
         check_config(state.config, self.cfg.to_dict(), self.cfg.ckpt.allow_config_change)
         self.iteration, self.episode_cursor = state.iteration, state.episode_cursor
         self.sampler.load_state_dict(state.sampler)

@@ -107,6 +107,19 @@ def test_bad_deepspeed_json_fails_before_distributed_init(ds, message, tmp_path,
     assert not (tmp_path / "run").exists()  # the trainer never started
 
 
+@pytest.mark.parametrize(
+    "zero",
+    [{"stage": 3, "zero_hpz_partition_size": 2}, {"stage": 3, "use_all_reduce_for_fetch_params": True}],
+)
+def test_zero_plus_plus_options_that_need_one_dtype_refuse_the_bf16_lora_base(zero, tmp_path, capsys):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": zero}))
+    lora = ["engine.lora.enabled=true", "model.dtype=bfloat16", f"output_dir={tmp_path}"]
+    assert train_cli.main(["--deepspeed", str(path), *lora]) == 2
+    _assert_one_line(capsys.readouterr().err, "does not work with LoRA's bf16 frozen base")
+    assert not torch.distributed.is_initialized()
+
+
 def test_missing_deepspeed_json(tmp_path, capsys):
     assert train_cli.main(["engine.deepspeed_config=/nonexistent/ds.json"]) == 2
     _assert_one_line(capsys.readouterr().err, "engine.deepspeed_config: /nonexistent/ds.json does not exist")

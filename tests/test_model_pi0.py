@@ -79,6 +79,17 @@ def test_nonzero_condition_is_guided():
     v_pos = policy.velocity(batch, noise, t1, torch.ones(3, dtype=torch.long))
     one_step = policy.sample_actions(batch, noise, num_steps=1, guidance=1.0)
     assert (one_step - (noise - v_pos)).abs().max() <= 1e-5
+    # ... computed as one branch of B rows (the default of rollouts, eval and serving), not 2B; the 2B
+    # formula at w = 1 + 1e-7 is the same within rounding.
+    rows: list[int] = []
+    original = policy._denoise_cached
+    policy._denoise_cached = lambda cache, pad, suffix, ada=None: (
+        rows.append(suffix.shape[0]) or original(cache, pad, suffix, ada)
+    )
+    assert torch.equal(policy.sample_actions(batch, noise, guidance=1.0), cond_only) and set(rows) == {3}
+    rows.clear()
+    two_branch = policy.sample_actions(batch, noise, guidance=1.0 + 1e-7)
+    assert set(rows) == {6} and (two_branch - cond_only).abs().max() <= 1e-5
 
 
 def test_gradient_checkpointing_gives_identical_gradients():

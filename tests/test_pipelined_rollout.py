@@ -187,6 +187,16 @@ def test_default_groups_and_bounds():
     assert slot_groups(5, 2) == [[0, 1], [2, 3, 4]] and slot_groups(4, 1) == [[0, 1, 2, 3]]
 
 
+def test_default_counts_the_cores_the_nodes_ranks_share(monkeypatch):
+    """Under torchrun every rank sees all cores of the node; its share is cores / LOCAL_WORLD_SIZE."""
+    pool = SimpleNamespace(num_workers=4, runs_in_background=True)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert pipeline_groups_for(pool, None) == 2  # 16 cores for 4 workers
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert pipeline_groups_for(pool, None) == 1  # 4 cores each: none left for the policy
+
+
 def test_config_knob_is_validated():
     assert load_config(overrides=["rollout.num_envs=4"]).rollout.pipeline_groups is None
     assert (

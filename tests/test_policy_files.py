@@ -20,7 +20,9 @@ from websockets.sync.server import serve
 
 from ript_ds.build import build_components, replan_steps
 from ript_ds.config import ConfigError, load_config
+from ript_ds.env.base import Observation, TaskSpec
 from ript_ds.eval.checkpoint import server_replan_steps
+from ript_ds.eval.remote import remote_policy_fn
 from ript_ds.model.arch import PI0Arch
 from ript_ds.model.convention import PolicyConvention
 from ript_ds.model.normalization import NormStats
@@ -238,3 +240,43 @@ def test_a_foreign_checkpoint_without_a_convention_is_warned_about(tmp_path, cap
         with caplog.at_level("WARNING"):
             load()
         assert "has no policy.json" in caplog.text and "--openpi-config pi0_libero --write" in caplog.text
+
+
+class _Replying:
+    """A connected client whose server answers every request with `actions`."""
+
+    address = "127.0.0.1:1"
+
+    def __init__(self, actions):
+        self.actions = actions
+
+    def infer(self, obs):
+        return {"actions": self.actions}
+
+
+@pytest.mark.parametrize(
+    ("actions", "message"),
+    [
+        (np.zeros((10, 32)), r"shape \(10, 32\); LIBERO needs \[H, 7\] with H >= 5"),
+        (np.zeros((4, 7)), r"H >= 5 \(the replan steps"),
+        (np.full((10, 7), np.nan), "non-finite actions"),
+        ([[1.0, 2.0], [3.0]], "not a numeric array"),
+    ],
+)
+def test_a_servers_chunk_that_cannot_be_executed_is_one_server_error(actions, message):
+    obs = Observation(images=np.zeros((2, 8, 8, 3), dtype=np.uint8), state=np.zeros(8, dtype=np.float32))
+    task = TaskSpec("libero_goal", 0, "t", "open the drawer", 10, 1)
+    policy_fn = remote_policy_fn([_Replying(actions)], replan_steps=5)
+    with pytest.raises(ServerError, match=message):
+        policy_fn([obs], [task], [None])
+    ok = remote_policy_fn([_Replying(np.ones((10, 7)))], replan_steps=5)([obs], [task], [None])
+    assert ok.shape == (1, 10, 7) and ok.dtype == np.float32
+
+
+def test_a_state_prompt_that_can_outgrow_the_token_limit_is_refused_before_the_run(tmp_path):
+    """The discrete-state prompt's length depends on the state: checked for every bin before any rollout."""
+    conv = PolicyConvention(model_type="pi05", discrete_state_input=True, max_token_len=12, source="x")
+    ckpt = _checkpoint(tmp_path, conv, model_type="pi05")
+    with pytest.raises(ConfigError, match="over tokenizer max_length=12") as err:
+        build_components(_cfg(tmp_path, f"model.checkpoint={ckpt}"))
+    assert "\n" not in str(err.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -148,3 +149,35 @@ def test_changed_config_is_refused_unless_allowed():
     assert "train.lr: 0.001 -> 0.5" in str(err.value) and "ript.loss: 'cfg' -> 'awr'" in str(err.value)
     assert "iterations" not in str(err.value)  # extending a run is not a change
     check_config(a, b, allow=True)
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes():
+    """Keys added by a later version (here engine.lora.frozen_dtype, rollout.pipeline_groups) are absent from
+    an older checkpoint's config: at their default they are no change, set otherwise they are."""
+    old = load_config(DEBUG).to_dict()
+    del old["engine"]["lora"]["frozen_dtype"], old["rollout"]["pipeline_groups"]
+    check_config(old, load_config(DEBUG).to_dict(), allow=False)
+    changed = load_config(DEBUG, ["engine.lora.frozen_dtype=float32"]).to_dict()
+    with pytest.raises(ConfigError, match=re.escape("engine.lora.frozen_dtype: 'auto' -> 'float32'")):
+        check_config(old, changed, allow=False)
+
+
+def test_unset_replan_every_resumes_with_the_runs_own(tmp_path):
+    """rollout.replan_every unset means "the checkpoint's replan_steps" for a new run, but the resumed run's
+    own value on resume (a run saved with an explicit or the old default 5 is not refused)."""
+    first = subprocess.run(
+        args(tmp_path, "train.iterations=1", "rollout.replan_every=8"),
+        env=env(),
+        capture_output=True,
+        text=True,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = args(tmp_path, "train.iterations=2", "rollout.replan_every=null")
+    second = subprocess.run(again, env=env(), capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "keeping the resumed run's 8" in second.stderr
+    saved = (tmp_path / "debug" / "config.yaml").read_text()
+    assert (
+        "replan_every: 8" in saved
+        and json.loads((tmp_path / "debug" / "policy.json").read_text())["replan_steps"] == 8
+    )

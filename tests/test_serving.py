@@ -417,7 +417,8 @@ def test_serve_cli_bad_input_is_one_line(checkpoint, tmp_path, capsys):
         ([*ok, "--port", str(busy.getsockname()[1])], f"cannot listen on 127.0.0.1:{busy.getsockname()[1]}"),
         ([*ok, "--max-batch", "0"], "--max-batch must be >= 1"),
         ([*ok, "--guidance", "strong"], "--guidance must be a number or 'none'"),
-        ([*ok, "--guidance", "-1"], "--guidance -1 must be >= 0"),
+        ([*ok, "--guidance", "-1"], "--guidance -1 must be a finite number >= 0"),
+        ([*ok, "--guidance", "inf"], "--guidance inf must be a finite number >= 0"),
     ]
     try:
         for argv, message in cases:

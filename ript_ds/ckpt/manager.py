@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ript_ds.config import ConfigError, migrate_renamed
+from ript_ds.config import ConfigError, ExperimentCfg, migrate_renamed
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,10 @@ def config_hash(config: dict[str, Any]) -> str:
 def check_config(saved: dict[str, Any], current: dict[str, Any], allow: bool) -> None:
     """Resuming with a changed config is an error listing the keys, unless explicitly allowed."""
     a, b = flatten(migrate_renamed(saved)), flatten(current)
+    # A key the saved config lacks was added by a later ript-ds: the run trained with its default, so
+    # only a non-default value now is a change (a checkpoint from before the key resumes as it was).
+    defaults = flatten(ExperimentCfg().to_dict())
+    a |= {k: defaults[k] for k in b if k not in a and k in defaults}
     changed = sorted(
         k
         for k in set(a) | set(b)

@@ -46,6 +46,7 @@ from ript_ds.config import ConfigError, EngineCfg, ExperimentCfg, TrainCfg
 from ript_ds.engine import dist
 from ript_ds.engine.ds_json import (
     check_ds_json,
+    check_lora_frozen_bf16,
     check_zero_section,
     load_ds_json,
     offloads_optimizer,
@@ -157,6 +158,7 @@ class DeepSpeedEngine:
         self.ds_config = build_ds_config(
             engine.deepspeed_config, train, dist.world_size(), bf16, ds_overrides
         )
+        check_lora_frozen_bf16(engine.deepspeed_config, self.ds_config, engine.lora, bf16)
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
         self.bf16 = bf16
         self.lora = engine.lora

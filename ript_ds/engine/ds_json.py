@@ -143,3 +143,26 @@ def check_ds_json(
     for key, (name, value) in owned.items():
         if ds.get(key, "auto") not in ("auto", value):
             raise ConfigError(f"{path}: {key}={ds[key]!r} disagrees with {name}={value}; use 'auto'")
+
+
+def check_lora_frozen_bf16(path: Path | str, ds: Mapping[str, Any], lora, bf16: bool) -> None:
+    """A LoRA run under bf16 stores its frozen base in bf16 (engine.lora.frozen_dtype=auto): mixed fp32 /
+    bf16 parameters, which two ZeRO++ options do not take (use_all_reduce_for_fetch_params gathers one dtype
+    per bucket; hpZ keeps an fp32 secondary copy, so nothing would be saved). One line naming the fix."""
+    if not (lora.enabled and bf16 and lora.frozen_dtype == "auto"):
+        return
+    zero = ds.get("zero_optimization") or {}
+    clashes = [
+        key
+        for key, on in (
+            ("use_all_reduce_for_fetch_params", bool(zero.get("use_all_reduce_for_fetch_params"))),
+            ("zero_hpz_partition_size", int(zero.get("zero_hpz_partition_size", 1) or 1) > 1),
+        )
+        if on
+    ]
+    if clashes:
+        raise ConfigError(
+            f"{path}: zero_optimization.{clashes[0]} does not work with LoRA's bf16 frozen base "
+            "(engine.lora.frozen_dtype=auto under model.dtype=bfloat16); remove it or set "
+            "engine.lora.frozen_dtype=float32"
+        )

@@ -12,6 +12,7 @@ Writes <out>/results.json (per task, per suite, mean, protocol, every episode), 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, replace
@@ -101,9 +102,12 @@ def parse_guidance(text: str) -> float | None:
     if text.strip().lower() in ("none", "null", ""):
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise EvalError(f"--guidance must be a number or 'none', got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise EvalError(f"--guidance {text} must be a finite number >= 0, or 'none'")
+    return value
 
 
 def check_options(opts: EvalOptions) -> None:
@@ -341,7 +345,7 @@ def _evaluate_server(opts: EvalOptions, suite: str, task_ids: list[int], scratch
     try:
         clients += [RemotePolicy(host, port) for _ in range(opts.num_envs)]
         replan = server_replan_steps(opts.replan_steps, clients[0].metadata)
-        policy_fn = remote_policy_fn(clients)
+        policy_fn = remote_policy_fn(clients, replan)
 
         def roll_out(requests):
             with EnvPool(factory, opts.num_envs, timeout_s=opts.step_timeout) as pool:

@@ -425,10 +425,13 @@ class PI0Policy(nn.Module):
         b = noise.shape[0]
         state = batch.state
         conds = None
-        if guidance is not None and torch.equal(self.cond_embed.weight[0], self.cond_embed.weight[1]):
-            # Both branches are the same network (e.g. the zero-initialised embedding of a fresh PI0), so
-            # v_none = v_pos and guidance is a no-op: one branch with that (shared) condition, not 2B rows.
-            # It must still add the embedding: equal rows need not be zero.
+        if guidance is not None and (
+            guidance == 1.0 or torch.equal(self.cond_embed.weight[0], self.cond_embed.weight[1])
+        ):
+            # One branch of B rows with the positive condition, not 2B: w = 1 is v_pos alone (v_none +
+            # 1 (v_pos - v_none)), the default of rollouts, eval and the server; and with equal rows (the
+            # zero-initialised embedding of a fresh PI0) v_none = v_pos for any w. It must still add the
+            # embedding: equal rows need not be zero.
             guidance = None
             conds = torch.full((b,), COND_POSITIVE, dtype=torch.long, device=noise.device)
         if use_cache:

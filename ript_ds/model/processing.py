@@ -170,6 +170,20 @@ class Processor:
         raw = np.asarray(state, dtype=np.float32)[None]
         return self.tokenizer.encode(prompt, self.norm_stats.normalize(raw, "state")[0])
 
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """Before a run: every prompt fits the token limit whatever state is written into it (a
+        discrete-state prompt's length depends on the state, and a rollout hours in must not be the first
+        to find out). Tries each bin value in every dim (-1 .. 255); ValueError names the prompt."""
+        if not self.state_in_prompt:
+            for prompt in prompts:
+                self.tokenize(prompt)
+            return
+        dims = self.convention.state_dim
+        values = np.concatenate([[-1.5], (np.arange(256) + 0.5) / 128.0 - 1.0])  # one per bin, normalised
+        for prompt in prompts:
+            for value in values:
+                self.tokenizer.encode(prompt, np.full(dims, value, dtype=np.float32))
+
     def batch(
         self,
         images: np.ndarray,

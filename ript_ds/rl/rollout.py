@@ -9,7 +9,9 @@ Pipelined (pipeline_groups=G >= 2): the slots form G groups that take turns. The
 group g's replies, runs the policy for group g alone and sends its chunks, then turns to group
 g + 1 while group g's workers step: one group's env steps overlap the policy calls of the others.
 Episodes are the same as in lockstep (tests/test_pipelined_rollout.py), because of the seeding
-below. The default (None) pipelines only where it can pay (tools/bench/pipelined_rollout.py, 2
+below, up to the policy kernels' rounding for a different batch size (exact for batch-independent
+policies; 1e-5 for the tiny PI0 on CPU; GPU bf16 kernels may round further apart, which a long
+episode can amplify). The default (None) pipelines only where it can pay (tools/bench/pipelined_rollout.py, 2
 cores: 1.63x with the policy on a core of its own, 0.95-0.98x where the driver shares the env
 workers' cores): envs in worker processes (pool.runs_in_background), at least MIN_GROUP_ENVS per
 group (each group adds one policy call per round), and a CPU core beyond one per env worker, so
@@ -170,9 +172,13 @@ MIN_GROUP_ENVS = 2  # default pipelining only with this many envs per group: one
 def pipeline_groups_for(pool: EnvPool, requested: int | None, cores: int | None = None) -> int:
     """How many slot groups collect() alternates: `requested` (checked), or with None 2 when the pool
     steps its envs in worker processes, MIN_GROUP_ENVS or more per group, and this process may use
-    more `cores` (default: its CPU affinity) than there are workers; else 1 (lockstep)."""
+    more `cores` than there are workers; else 1 (lockstep). Default cores: this process's CPU affinity
+    shared by the ranks on the node (LOCAL_WORLD_SIZE, set by torchrun and the deepspeed launcher), whose
+    env workers compete for the same cores."""
     if requested is None:
-        cores = len(os.sched_getaffinity(0)) if cores is None else cores
+        if cores is None:
+            ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            cores = len(os.sched_getaffinity(0)) // ranks_here
         background = getattr(pool, "runs_in_background", False)
         return 2 if background and 2 * MIN_GROUP_ENVS <= pool.num_workers < cores else 1
     if not 1 <= requested <= pool.num_workers:

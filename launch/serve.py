@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import socket
 import sys
 
@@ -54,15 +53,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def _guidance(p: _Parser, text: str) -> float | None:
-    if text.strip().lower() in ("none", "null"):
-        return None
+    from ript_ds.eval.checkpoint import EvalError, parse_guidance  # launch/eval.py's rule, one place
+
     try:
-        value = float(text)
-    except ValueError:
-        p.error(f"--guidance must be a number or 'none', got {text!r}")
-    if not (math.isfinite(value) and value >= 0):
-        p.error(f"--guidance {text} must be a finite number >= 0 (0 = the unconditioned branch)")
-    return value
+        return parse_guidance(text)
+    except EvalError as err:
+        p.error(str(err))
 
 
 def _check_port(host: str, port: int) -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from ript_ds.model.arch import PI0Arch
+from ript_ds.model.normalization import FeatureStats, NormStats
 from ript_ds.model.pi0 import PI0Batch, PI0Policy
+from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 # CI and developers have the golden data at ../shared/fixtures beside the checkout.
@@ -64,3 +67,35 @@ def require(path: Path) -> Path:
     if not path.exists():
         pytest.fail(f"reference fixture {path} is missing; set RIPT_FIXTURES to the shared fixtures folder")
     return path
+
+
+def run_single_rank_worker(script: str | Path, out: Path, timeout: float = 600) -> None:
+    """Run a test file as a script (its worker: one real DeepSpeed rank on the CPU) writing into `out`,
+    outside any launcher's rank variables; fails the test with the worker's last output."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+
+
+def synthetic_processor(directory: Path, tasks) -> Processor:
+    """A Processor for the synthetic env's tasks: a tiny tokenizer of their prompts built in `directory`,
+    the env's state statistics (positions in [0, 1]) and raw actions."""
+    tok = PromptTokenizer(build_tiny_tokenizer(directory, [t.instruction for t in tasks]))
+    stats = NormStats(
+        state=FeatureStats(mean=np.full(8, 0.5), std=np.full(8, 0.3)),
+        actions=FeatureStats(mean=np.zeros(7), std=np.ones(7)),
+    )
+    return Processor(tokenizer=tok, norm_stats=stats, action_dim=7)

@@ -6,12 +6,11 @@ One plain-python process builds every engine (DeepSpeed's start-up is paid once)
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_single_rank_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSE = "model.dit.layers.0.input_layernorm.dense.weight"
@@ -75,14 +74,7 @@ def worker(out: Path) -> None:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("engine_pi05")
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.run(
-        [sys.executable, __file__, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    run_single_rank_worker(__file__, out)
     return json.loads((out / "result.json").read_text())
 
 

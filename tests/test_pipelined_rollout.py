@@ -9,14 +9,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import tiny_policy
+from conftest import synthetic_processor, tiny_policy
 
 from ript_ds.config import ConfigError, load_config
 from ript_ds.env.inline import InlinePool
 from ript_ds.env.pool import EnvFactory, EnvPool
 from ript_ds.env.synthetic import expert_chunk, synthetic_tasks
-from ript_ds.model.normalization import FeatureStats, NormStats
-from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
 from ript_ds.rl.rollout import (
     PREEMPTED,
     RolloutRequest,
@@ -73,14 +71,7 @@ def pool():
 
 @pytest.fixture(scope="module")
 def pi0_fn(tmp_path_factory):
-    tok = PromptTokenizer(
-        build_tiny_tokenizer(tmp_path_factory.mktemp("tok"), [t.instruction for t in TASKS])
-    )
-    stats = NormStats(
-        state=FeatureStats(mean=np.full(8, 0.5), std=np.full(8, 0.3)),
-        actions=FeatureStats(mean=np.zeros(7), std=np.ones(7)),
-    )
-    processor = Processor(tokenizer=tok, norm_stats=stats, action_dim=7)
+    processor = synthetic_processor(tmp_path_factory.mktemp("tok"), TASKS)
     return make_pi0_policy_fn(tiny_policy(seed=0).eval(), processor, device="cpu", num_steps=2)
 
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import tiny_policy
+from conftest import synthetic_processor, tiny_policy
 
 from ript_ds.env.inline import InlinePool
 from ript_ds.env.pool import EnvFactory, EnvPool
 from ript_ds.env.synthetic import SyntheticEnv, expert_chunk, synthetic_tasks
 from ript_ds.eval.video import episode_frames, write_videos
-from ript_ds.model.normalization import FeatureStats, NormStats
-from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
 from ript_ds.rl.rollout import PREEMPTED, NoiseKey, RolloutRequest, collect, make_pi0_policy_fn, noise_seed
 from ript_ds.rl.types import Context
 
@@ -26,14 +24,7 @@ def pool():
 
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory):
-    tok = PromptTokenizer(
-        build_tiny_tokenizer(tmp_path_factory.mktemp("tok"), [t.instruction for t in TASKS])
-    )
-    stats = NormStats(
-        state=FeatureStats(mean=np.full(8, 0.5), std=np.full(8, 0.3)),
-        actions=FeatureStats(mean=np.zeros(7), std=np.ones(7)),
-    )
-    return Processor(tokenizer=tok, norm_stats=stats, action_dim=7)
+    return synthetic_processor(tmp_path_factory.mktemp("tok"), TASKS)
 
 
 @pytest.fixture(scope="module")

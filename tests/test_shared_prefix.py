@@ -6,14 +6,12 @@ fpo objectives use it and match the per-branch objective; a ZeRO-3 DeepSpeed eng
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_batch, randomize
+from conftest import random_batch, randomize, run_single_rank_worker
 from test_rl_update import PROMPTS, GradProbe, settings, windows
 
 from ript_ds.model.arch import PI0Arch
@@ -175,14 +173,7 @@ def engine_worker(out: Path) -> None:
 @pytest.fixture(scope="module")
 def engine_report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("shared_prefix_engine")
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.run(
-        [sys.executable, __file__, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    run_single_rank_worker(__file__, out)
     return json.loads((out / "result.json").read_text())
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import psutil
 import torch
 from report import write_section
+from rollout_throughput import randomized
 
 from ript_ds.env.pool import EnvFactory, EnvPool
 from ript_ds.env.synthetic import SyntheticEnv, synthetic_tasks
@@ -79,14 +80,7 @@ def scaled_policy(factor: int) -> PI0Policy:
         vision=dataclasses.replace(tiny.vision, width=32 * factor, mlp_dim=64 * factor),
     )
     torch.manual_seed(0)
-    policy = PI0Policy(arch)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in sorted(policy.named_parameters()):
-            if name != "cond_embed.weight":
-                scale = 0.2 if p.ndim == 1 else 1.0 / max(p.shape[-1], 1) ** 0.5
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return policy.eval()
+    return randomized(PI0Policy(arch), 0)
 
 
 def processor() -> Processor:

@@ -45,7 +45,11 @@ from ript_ds.rl.types import Context
 def tiny_policy(image_size: int, seed: int = 0) -> PI0Policy:
     """As tests/conftest.tiny_policy: a tiny PI0 with non-degenerate random weights."""
     torch.manual_seed(seed)
-    policy = PI0Policy(PI0Arch.tiny(image_size=image_size))
+    return randomized(PI0Policy(PI0Arch.tiny(image_size=image_size)), seed)
+
+
+def randomized(policy: PI0Policy, seed: int = 0) -> PI0Policy:
+    """Non-degenerate random weights everywhere but the condition embedding, in eval mode."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(policy.named_parameters()):

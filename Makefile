@@ -20,7 +20,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-libero clean
 
 install: $(STAMP) $(OPENPI_CLIENT)
 
@@ -61,6 +61,11 @@ bench: install
 	cd tools/bench && ../../$(PY) pi05_vs_pi0.py
 	cd tools/bench && ../../$(PY) pipelined_rollout.py
 	cd tools/bench && ../../$(PY) shared_prefix.py
+
+# RIPT on real LIBERO on this CPU (~1.5 h on 2 cores): scripted demos -> BC -> RIPT -> launch/eval.py;
+# writes docs/benchmarks.md "RIPT on real LIBERO". Not CI: tests/test_libero_ript.py is its short version.
+bench-libero: install
+	cd tools/bench && ../../$(PY) libero_ript.py
 
 clean:
 	rm -rf $(VENV) .torch_extensions .pytest_cache .ruff_cache runs

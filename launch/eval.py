@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 4 launch/eval.py --checkpoint runs/x/checkpoints --suite libero_10 --videos 6
 
 Protocol: for every task, episodes i = 0 .. N-1 (default N = 50) start from the task's fixed init
-state i and reset with seed 7 + i (applied right before that episode's own reset), 10 settle steps,
+state i and reset with seed 7 + i (applied right before that episode's own reset; --first-init-state S:
+i = S .. S + N - 1, e.g. a run's held-out states), 10 settle steps,
 replanning every 5 actions (the checkpoint's policy.json replan_steps, or --replan-steps), the suite's
 episode cap. Episodes are split over ranks by index and the
 results all-gathered, so the numbers do not depend on the number of ranks or envs.
@@ -44,6 +45,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--suite", required=True, help=f"one of {', '.join(SUITES)} (libero_ prefix optional)")
     p.add_argument("--tasks", default="all", help="comma-separated task ids (default: every task)")
     p.add_argument("--episodes-per-task", type=int, default=50, help="episodes per task (default 50)")
+    p.add_argument(
+        "--first-init-state",
+        type=int,
+        default=0,
+        help="episodes start at this init state (held-out states: a run's env.num_eval_init_states last ones)",
+    )
     p.add_argument("--num-envs", type=int, default=2, help="env worker processes per rank")
     p.add_argument("--guidance", default="1.0", help="CFG weight w, or 'none' for the plain model")
     p.add_argument("--tokenizer", help="PaliGemma tokenizer; default: a tiny one built from the prompts")

@@ -123,6 +123,34 @@ def test_eval_end_to_end_synthetic(single_rank: tuple[Path, Path]) -> None:
     assert len(list((out / "videos").glob("*.mp4"))) == 2
 
 
+def test_eval_first_init_state_runs_the_same_episodes_of_later_states(
+    single_rank: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--first-init-state S: episode i of the protocol for i = S .., identical to the full run's."""
+    ckpt, single_out = single_rank
+    argv = ["--checkpoint", str(ckpt), *E2E_ARGS[:4], "--max-steps", "6", "--episodes-per-task", "2"]
+    assert eval_cli.main([*argv, "--first-init-state", "1", "--num-envs", "1", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    full = json.loads((single_out / "results.json").read_text())["episode_records"]
+    keys = ("task_id", "init_state_idx", "seed", "success", "length")
+    got = [tuple(e[k] for k in keys) for e in results["episode_records"]]
+    assert got == [tuple(e[k] for k in keys) for e in full if e["init_state_idx"] >= 1]
+    assert results["protocol"]["first_init_state"] == 1
+    assert eval_cli.main([*argv, "--first-init-state", "-1"]) == 2
+
+
+def test_eval_first_init_state_past_the_tasks_states_is_refused() -> None:
+    from ript_ds.env.base import TaskSpec
+    from ript_ds.eval.checkpoint import EvalError, check_init_states
+
+    tasks = [
+        TaskSpec(suite="libero_goal", task_id=8, name="t", instruction="i", max_steps=9, num_init_states=50)
+    ]
+    check_init_states(tasks, 25, 25)  # states 25-49: exactly the last ones
+    with pytest.raises(EvalError, match=r"fewer than 51 init states .* or --first-init-state"):
+        check_init_states(tasks, 25, 26)
+
+
 @pytest.mark.multirank
 def test_eval_two_ranks_match_one_rank(single_rank: tuple[Path, Path], tmp_path: Path) -> None:
     ckpt, single_out = single_rank

@@ -144,6 +144,24 @@ def test_configure_rendering_probes_and_respects_user_choice(monkeypatch: pytest
     assert not L._backend_works("no-such-backend")  # the probe can fail, so a pass means something
 
 
+@pytest.mark.libero
+def test_env_renders_with_gpus_hidden_by_an_empty_cuda_visible_devices(monkeypatch) -> None:
+    """CUDA_VISIBLE_DEVICES="" is how a CPU run hides GPUs (our own test launchers set it); robosuite's
+    EGL context read it as a device list and every env worker crashed on int('')."""
+    if L.configure_rendering() != "egl":
+        pytest.skip("the failure is in robosuite's EGL context; this machine renders with osmesa")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("MUJOCO_EGL_DEVICE_ID", "")  # recorded, so teardown restores it
+    monkeypatch.delenv("MUJOCO_EGL_DEVICE_ID")
+    env = L.LiberoEnv(L.get_task("libero_goal", 8), camera_size=32, model_image_size=32, settle_steps=1)
+    try:
+        obs = env.reset(0, seed=7)
+        assert obs.images.shape[-1] == 3 and obs.images.any()
+    finally:
+        env.close()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""  # torch's view of the GPUs is left alone
+
+
 # ----------------------------------------------------------------------------- real simulator
 
 
@@ -277,3 +295,31 @@ def test_step_reports_the_executed_action_clipped_to_the_action_space(goal_env: 
     replayed = goal_env.step(result.action)
     np.testing.assert_array_equal(replayed.obs.state, result.obs.state)
     np.testing.assert_array_equal(replayed.obs.images, result.obs.images)
+
+
+@pytest.mark.libero
+def test_unobserved_steps_skip_rendering_and_change_nothing_else(goal_env: L.LiberoEnv) -> None:
+    # Steps inside an action chunk are not observed (pool.run_actions asks only for the last one);
+    # they must not render, and an observed step must see exactly the pixels it would have seen
+    # with every step rendered, or training rollouts would differ from evaluation ones.
+    actions = np.random.default_rng(0).uniform(-0.6, 0.6, (8, 7))
+    goal_env.reset(2, seed=11)
+    every = [goal_env.step(a).obs for a in actions]
+    calls = {"n": 0}
+    goal_env.reset(2, seed=11)
+    gate = goal_env._gates[0]  # a reset builds new sensors: count this one's agentview renders
+    inner = gate._sensor
+
+    def counted(cache):
+        calls["n"] += 1
+        return inner(cache)
+
+    gate._sensor = counted
+    for i, action in enumerate(actions):
+        result = goal_env.step(action, observe=i in (3, 7))
+        if i in (3, 7):
+            np.testing.assert_array_equal(result.obs.images, every[i].images)
+            np.testing.assert_array_equal(result.obs.state, every[i].state)
+        else:
+            assert result.obs is None
+    assert calls["n"] == 2  # one render per observed step, none for the six others

@@ -64,7 +64,7 @@ class Observation:
 
 @dataclass
 class StepResult:
-    obs: Observation
+    obs: Observation | None  # None when the step was not observed (step(..., observe=False))
     success: bool  # the task's success predicate holds after this step
     done: bool  # success, or the step cap was reached
     action: np.ndarray  # [ACTION_DIM] float64, the action executed: the input clipped (executed_action)
@@ -81,8 +81,11 @@ class Env(Protocol):
         `init_state_idx`, settle, and observe."""
         ...
 
-    def step(self, action: np.ndarray) -> StepResult:
-        """Apply one action of shape [action_dim], clipped to the action space (executed_action)."""
+    def step(self, action: np.ndarray, observe: bool = True) -> StepResult:
+        """Apply one action of shape [action_dim], clipped to the action space (executed_action).
+
+        observe=False: nobody will look at this step's observation (an action inside a chunk), so
+        the env may skip producing it (LIBERO then skips rendering, its main cost) and obs is None."""
         ...
 
     def close(self) -> None: ...

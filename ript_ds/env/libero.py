@@ -160,6 +160,20 @@ def set_render_device(device: int) -> None:
     os.environ["MUJOCO_EGL_DEVICE_ID"] = str(device)
 
 
+def _tolerate_hidden_gpus() -> None:
+    """With CUDA_VISIBLE_DEVICES set to no device (how a CPU run hides GPUs), robosuite 1.4's EGL
+    context parses it as a device list and fails on int(''). MUJOCO_EGL_DEVICE_ID=0, which robosuite
+    reads first, selects the device it would use with the variable unset (EGL's first); torch's view
+    of the GPUs stays untouched."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if (
+        visible is not None
+        and not visible.replace(",", "").strip()
+        and not os.environ.get("MUJOCO_EGL_DEVICE_ID")
+    ):
+        os.environ["MUJOCO_EGL_DEVICE_ID"] = "0"
+
+
 # ---------------------------------------------------------------------------------------------
 # Suites, tasks and initial states
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +297,36 @@ def adapt_observation(raw_obs: dict[str, np.ndarray], image_size: int) -> Observ
 # ---------------------------------------------------------------------------------------------
 
 
+class _CameraGate:
+    """Wraps a robosuite camera sensor: renders while `on`, else hands back its last image.
+
+    Gating the sensor, not the observable (set_enabled), keeps robosuite's sampling timers exactly
+    as they run with every step rendered, so an observed step's image is bit-identical either way
+    (tests/test_libero_env.py). The stale image of an unobserved step never leaves the env.
+    """
+
+    def __init__(self, sensor: Any) -> None:
+        self._sensor = sensor
+        self.__modality__ = sensor.__modality__  # robosuite reads the modality off the sensor
+        self.on = True
+        self._last: Any = None
+
+    def __call__(self, obs_cache: dict) -> Any:
+        if self.on or self._last is None:
+            self._last = self._sensor(obs_cache)
+        return self._last
+
+
+def _gate_cameras(robosuite_env: Any) -> list[_CameraGate]:
+    gates = []
+    for cam in CAMERAS:
+        observable = robosuite_env._observables[f"{cam}_image"]
+        gate = _CameraGate(observable._sensor)
+        observable._sensor = gate
+        gates.append(gate)
+    return gates
+
+
 class LiberoEnv:
     """One LIBERO task on LIBERO's OffScreenRenderEnv, observed in openpi's convention.
 
@@ -311,7 +355,9 @@ class LiberoEnv:
         self._init_states = load_init_states(task.suite, task.task_id)
         self._steps = 0
         self._done = True  # no episode yet: step() before reset() is an error
-        configure_rendering()
+        self._gates: list[_CameraGate] = []
+        if configure_rendering() == "egl" and render_gpu_device_id is None:
+            _tolerate_hidden_gpus()
         if render_gpu_device_id is not None:
             set_render_device(render_gpu_device_id)
         from libero.libero.envs import OffScreenRenderEnv  # imports mujoco: after the two above
@@ -331,7 +377,8 @@ class LiberoEnv:
 
     @property
     def libero_env(self) -> Any:
-        """The wrapped LIBERO OffScreenRenderEnv, for tests and diagnostics only."""
+        """The wrapped LIBERO OffScreenRenderEnv: privileged sim state for tests, diagnostics and the
+        scripted demonstrator (env/scripted.py); a policy never sees it."""
         return self._env
 
     def reset(self, init_state_idx: int, seed: int) -> Observation:
@@ -344,24 +391,38 @@ class LiberoEnv:
         # numpy's global RNG, which takes 32-bit seeds only; right before this reset (see class doc).
         self._env.seed(simulator_seed(seed))
         self._env.reset()
+        # A hard reset builds new observables: gate the new camera sensors. Nothing before the last
+        # settle step is looked at, so the settle steps before it skip rendering (set_init_state still
+        # renders once: a new gate has no image to hand back yet).
+        self._gates = _gate_cameras(self._env.env)
+        self._render(False)
         raw = self._env.set_init_state(self._init_states[init_state_idx])
-        for _ in range(self.settle_steps):
+        for i in range(self.settle_steps):
+            self._render(i == self.settle_steps - 1)
             raw, _, _, _ = self._env.step(SETTLE_ACTION)
         self._steps = 0
         self._done = False
         return adapt_observation(raw, self.model_image_size)
 
-    def step(self, action: np.ndarray) -> StepResult:
-        """Apply one 7-dim action, clipped to [-1, 1]; done on success or after task.max_steps steps."""
+    def step(self, action: np.ndarray, observe: bool = True) -> StepResult:
+        """Apply one 7-dim action, clipped to [-1, 1]; done on success or after task.max_steps steps.
+
+        observe=False skips rendering the cameras (~0.2 s of a ~0.25 s step on a CPU) and returns
+        obs=None; physics, success and the executed action are the same either way."""
         if self._done:
             raise RuntimeError("step() called on a finished episode; call reset() first")
         action = executed_action(action)  # what robosuite would run anyway, now also what we report
+        self._render(observe)
         raw, _, libero_done, _ = self._env.step(action)
         self._steps += 1
         success = bool(libero_done)  # LIBERO's done is exactly its success predicate
         self._done = success or self._steps >= self.task.max_steps
-        obs = adapt_observation(raw, self.model_image_size)
+        obs = adapt_observation(raw, self.model_image_size) if observe else None
         return StepResult(obs=obs, success=success, done=self._done, action=action)
+
+    def _render(self, on: bool) -> None:
+        for gate in self._gates:
+            gate.on = on
 
     def close(self) -> None:
         """Free the simulator and its GL context now, not at interpreter exit (EGL is gone then)."""

@@ -83,7 +83,9 @@ class EnvFactory:
 class SlotReply:
     """A worker's answer to one command. For a reset, executed is 0 and success/done are False."""
 
-    obs: Observation | None  # after the last executed action (or the reset); None on failure
+    # after the last action of the command (or the reset); None on failure or when the episode
+    # ended (done) before that action
+    obs: Observation | None
     executed: int  # actions executed by this command
     success: bool
     done: bool
@@ -161,12 +163,15 @@ def _cached_env(envs: OrderedDict[TaskSpec, Env], task: TaskSpec, factory: EnvFa
 
 
 def run_actions(env: Env | None, actions: np.ndarray) -> SlotReply:
-    """Step `env` through actions [n, A] until the episode ends; the reply of a step command."""
+    """Step `env` through actions [n, A] until the episode ends; the reply of a step command.
+
+    Only the last action's observation is asked for: the policy sees the env once per chunk, and an
+    episode that ends earlier is never observed again (LIBERO skips rendering the others)."""
     if env is None:
         raise RuntimeError("step before any reset")
     executed, result = [], None
-    for action in actions:
-        result = env.step(action)
+    for i, action in enumerate(actions):
+        result = env.step(action, observe=i == len(actions) - 1)
         executed.append(result.action)
         if result.done:
             break

@@ -141,7 +141,7 @@ class SyntheticEnv:
         self._steps, self._done = 0, False
         return self._observe()
 
-    def step(self, action: np.ndarray) -> StepResult:
+    def step(self, action: np.ndarray, observe: bool = True) -> StepResult:
         if self._done:
             raise RuntimeError("step() after the episode ended; call reset() first")
         action = executed_action(action)
@@ -152,7 +152,8 @@ class SyntheticEnv:
         self._steps += 1
         success = bool(np.linalg.norm(self._pos - self._targets[self._target]) < self.radius)
         self._done = success or self._steps >= self.task.max_steps
-        return StepResult(obs=self._observe(), success=success, done=self._done, action=action)
+        obs = self._observe() if observe else None
+        return StepResult(obs=obs, success=success, done=self._done, action=action)
 
     def close(self) -> None:
         self._done = True

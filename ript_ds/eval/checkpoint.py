@@ -49,6 +49,7 @@ class EvalOptions:
     image_size: int = 224  # with policy_server: the resolution sent (openpi's client: 224)
     tasks: str = "all"  # comma-separated task ids or "all"
     episodes_per_task: int = 50
+    first_init_state: int = 0  # episodes i = first .. first + episodes_per_task - 1 (held-out states)
     num_envs: int = 2
     guidance: float | None = 1.0  # CFG weight w; None: the plain (unconditioned) model
     tokenizer: str | None = None
@@ -123,6 +124,7 @@ def check_options(opts: EvalOptions) -> None:
             raise EvalError(f"--policy-server: {err}") from None
     checks = [
         (opts.episodes_per_task < 1, "--episodes-per-task must be >= 1"),
+        (opts.first_init_state < 0, "--first-init-state must be >= 0"),
         (opts.image_size < 8, "--image-size must be >= 8"),
         (opts.num_envs < 1, "--num-envs must be >= 1"),
         (opts.videos < 0, "--videos must be >= 0"),
@@ -222,7 +224,7 @@ def build_cfg(opts: EvalOptions, suite: str, task_ids: list[int], checkpoint: Pa
         task_ids=task_ids,
         camera_size=opts.camera_size,
         max_steps=opts.max_steps,
-        synthetic_init_states=max(50, opts.episodes_per_task),
+        synthetic_init_states=max(50, opts.first_init_state + opts.episodes_per_task),
     )
     cfg.rollout = replace(
         cfg.rollout,
@@ -270,10 +272,10 @@ def _evaluate(opts: EvalOptions, suite: str, task_ids: list[int], scratch: Path)
         comp = build_components(build_cfg(opts, suite, task_ids, checkpoint, scratch))
     except ConfigError as err:
         raise EvalError(str(err)) from None
-    check_init_states(comp.tasks, opts.episodes_per_task)
+    check_init_states(comp.tasks, opts.episodes_per_task, opts.first_init_state)
     policy = comp.policy.to(device).eval()
     dtype = resolve_dtype(opts.dtype, tag_dir)
-    requests = runner.protocol_requests(comp.tasks, opts.episodes_per_task)
+    requests = runner.protocol_requests(comp.tasks, opts.episodes_per_task, first=opts.first_init_state)
     setting = f"{dist.world_size()} ranks x {opts.num_envs} envs, guidance {opts.guidance}, {dtype}"
     # the device comes last: tools/gpu_smoke.py reads it from this line
     log.info("eval %s tasks %s: %d episodes, %s, %s", suite, task_ids, len(requests), setting, device)
@@ -293,13 +295,15 @@ def _evaluate(opts: EvalOptions, suite: str, task_ids: list[int], scratch: Path)
     return result.summary
 
 
-def check_init_states(tasks, episodes_per_task: int) -> None:
-    """Episode i starts from init state i: a task needs at least as many as the episodes asked."""
-    too_few = [t.task_id for t in tasks if t.num_init_states < episodes_per_task]
+def check_init_states(tasks, episodes_per_task: int, first: int = 0) -> None:
+    """Episode i starts from init state i: a task needs init states up to first + episodes_per_task."""
+    need = first + episodes_per_task
+    too_few = [t.task_id for t in tasks if t.num_init_states < need]
     if too_few:
+        hint = "lower --episodes-per-task" + (" or --first-init-state" if first else "")
         raise EvalError(
-            f"tasks {too_few} have fewer than {episodes_per_task} init states "
-            f"({min(t.num_init_states for t in tasks)}); lower --episodes-per-task"
+            f"tasks {too_few} have fewer than {need} init states "
+            f"({min(t.num_init_states for t in tasks)}); {hint}"
         )
 
 
@@ -312,6 +316,7 @@ def _protocol(opts: EvalOptions, suite: str, task_ids: list[int], tasks) -> dict
         "suite": suite,
         "task_ids": task_ids,
         "episodes_per_task": opts.episodes_per_task,
+        "first_init_state": opts.first_init_state,
         "seed": runner.EVAL_SEED,
         "max_steps": {t.task_id: t.max_steps for t in tasks},
         "camera_size": opts.camera_size if suite != "synthetic" else None,
@@ -339,7 +344,7 @@ def _evaluate_server(opts: EvalOptions, suite: str, task_ids: list[int], scratch
         tasks, factory = build_tasks(cfg), build_env_factory(cfg, image_size=opts.image_size)
     except ConfigError as err:
         raise EvalError(str(err)) from None
-    check_init_states(tasks, opts.episodes_per_task)
+    check_init_states(tasks, opts.episodes_per_task, opts.first_init_state)
     host, port = parse_address(opts.policy_server)
     clients: list[RemotePolicy] = []
     try:
@@ -352,7 +357,10 @@ def _evaluate_server(opts: EvalOptions, suite: str, task_ids: list[int], scratch
                 return collect(policy_fn, pool, requests, replan).episodes
 
         result = runner.run_episodes(
-            roll_out, runner.protocol_requests(tasks, opts.episodes_per_task), suite, tasks
+            roll_out,
+            runner.protocol_requests(tasks, opts.episodes_per_task, first=opts.first_init_state),
+            suite,
+            tasks,
         )
     except ServerError as err:  # unreachable, not a policy server, or it failed a request mid-run
         raise EvalError(str(err)) from None

@@ -41,12 +41,12 @@ RollOut = Callable[[list[RolloutRequest]], list[Episode]]  # this rank's request
 
 
 def protocol_requests(
-    tasks: Sequence[TaskSpec], episodes_per_task: int, seed: int = EVAL_SEED
+    tasks: Sequence[TaskSpec], episodes_per_task: int, seed: int = EVAL_SEED, first: int = 0
 ) -> list[RolloutRequest]:
-    """The LIBERO protocol: per task, episode i from init state i with reset seed `seed` + i."""
-    return [
-        RolloutRequest(Context(t.task_id, i), t, seed + i) for t in tasks for i in range(episodes_per_task)
-    ]
+    """The LIBERO protocol: per task, episode i from init state i with reset seed `seed` + i, for
+    i = first .. first + episodes_per_task - 1 (first > 0: the protocol's episodes of held-out states)."""
+    states = range(first, first + episodes_per_task)
+    return [RolloutRequest(Context(t.task_id, i), t, seed + i) for t in tasks for i in states]
 
 
 def context_requests(

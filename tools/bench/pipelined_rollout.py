@@ -55,11 +55,11 @@ class CostlyEnv(SyntheticEnv):
         super().__init__(task, **kwargs)
         self.step_cost_s = step_cost_s
 
-    def step(self, action):
+    def step(self, action, observe=True):
         end = time.thread_time() + self.step_cost_s  # CPU time: a shared core makes it take longer
         while time.thread_time() < end:
             pass
-        return super().step(action)
+        return super().step(action, observe)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -152,8 +152,9 @@ def bench_sequential(pi0_fn, task, args, episodes: int) -> dict:
             chunk = pi0_fn([obs], [task], [key])[0][: args.replan_every]
             t1 = time.perf_counter()
             policy_s += t1 - t0
-            for action in chunk:
-                result = env.step(action)
+            for i, action in enumerate(chunk):
+                # Rendered only where the policy looks next, as the pool does (env/pool.run_actions).
+                result = env.step(action, observe=i == len(chunk) - 1)
                 steps += 1
                 obs, done = result.obs, result.done
                 if done:

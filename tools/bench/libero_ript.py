@@ -160,7 +160,7 @@ def plot(rows: list[dict], bc: dict, final: dict, path: Path) -> None:
         bar(ax, *([r[c] for r in ev] for c in cols), marker="o", label="held-out (trainer eval)")
     ro = [(r["iteration"], r["rollout/success_rate"]) for r in rows if "rollout/success_rate" in r]
     if ro:
-        ax.plot(*zip(*ro, strict=True), alpha=0.6, label="training rollouts (noise-scaled)")
+        ax.plot(*zip(*ro, strict=True), alpha=0.6, label="training rollouts (training init states)")
     last = max((r["iteration"] for r in rows), default=0)
     for x, res, name in ((0, bc, "launch/eval.py: BC"), (last, final, "launch/eval.py: after RIPT")):
         bar(ax, [x], [res["rate"]], [res["ci95"][0]], [res["ci95"][1]], fmt="s", label=name)

@@ -28,7 +28,7 @@ import torch
 
 from ript_ds.bc import behaviour_clone
 from ript_ds.env.base import ACTION_DIM, TaskSpec
-from ript_ds.model.arch import GemmaArch, PI0Arch, VisionArch
+from ript_ds.model.arch import PI0Arch, reduced_pi0_arch
 from ript_ds.model.normalization import FeatureStats, NormStats
 from ript_ds.model.pi0 import PI0Policy
 from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
@@ -73,27 +73,18 @@ class LiberoSetup:
     bc_lr: float = 1e-3
 
     def arch(self) -> PI0Arch:
-        heads = dict(num_heads=4, num_kv_heads=1, head_dim=32)
-
-        def gemma(width: int) -> GemmaArch:
-            return GemmaArch(width=width, depth=self.depth, mlp_dim=2 * width, **heads)
-
-        vision = VisionArch(
-            width=self.vision_width,
-            depth=2,
-            mlp_dim=2 * self.vision_width,
-            num_heads=2,
+        return reduced_pi0_arch(
+            vlm_width=self.vlm_width,
+            expert_width=self.expert_width,
+            depth=self.depth,
+            head_dim=32,
+            vision_width=self.vision_width,
             patch_size=self.patch_size,
             image_size=self.image_size,
-        )
-        return PI0Arch(
-            vlm=gemma(self.vlm_width),
-            expert=gemma(self.expert_width),
-            vision=vision,
             vocab_size=self.tokenizer_vocab,
             chunk_size=self.chunk_size,
-            max_state_dim=STATE_DIM,
-            max_action_dim=ACTION_DIM,
+            state_dim=STATE_DIM,
+            action_dim=ACTION_DIM,
             num_inference_steps=self.num_inference_steps,
         )
 

@@ -166,6 +166,49 @@ class PI0Arch:
         )
 
 
+def reduced_pi0_arch(
+    *,
+    vlm_width: int,
+    expert_width: int,
+    depth: int,
+    head_dim: int,
+    vision_width: int,
+    patch_size: int,
+    image_size: int,
+    vocab_size: int,
+    chunk_size: int,
+    state_dim: int,
+    action_dim: int,
+    num_inference_steps: int,
+) -> PI0Arch:
+    """A CPU-sized PI0 for the learning checks: 4 query heads over 1 KV head, MLPs twice the width,
+    a 2-layer, 2-head vision tower."""
+
+    def gemma(width: int) -> GemmaArch:
+        return GemmaArch(
+            width=width, depth=depth, mlp_dim=2 * width, num_heads=4, num_kv_heads=1, head_dim=head_dim
+        )
+
+    vision = VisionArch(
+        width=vision_width,
+        depth=2,
+        mlp_dim=2 * vision_width,
+        num_heads=2,
+        patch_size=patch_size,
+        image_size=image_size,
+    )
+    return PI0Arch(
+        vlm=gemma(vlm_width),
+        expert=gemma(expert_width),
+        vision=vision,
+        vocab_size=vocab_size,
+        chunk_size=chunk_size,
+        max_state_dim=state_dim,
+        max_action_dim=action_dim,
+        num_inference_steps=num_inference_steps,
+    )
+
+
 def arch_from_reference_json(d: dict[str, Any]) -> PI0Arch:
     """PI0Arch from a reference fixture's arch.json (lerobot style: vlm / expert / vision sections)."""
     missing = [k for k in ("vlm", "expert", "vision", "chunk_size") if k not in d]

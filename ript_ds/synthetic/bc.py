@@ -45,7 +45,7 @@ from ript_ds.env.inline import InlinePool
 from ript_ds.env.pool import EnvFactory
 from ript_ds.env.synthetic import STATE_DIM, ScriptedExpert, SyntheticEnv, synthetic_tasks
 from ript_ds.eval.runner import context_requests, run_episodes
-from ript_ds.model.arch import GemmaArch, PI0Arch, VisionArch
+from ript_ds.model.arch import PI0Arch, reduced_pi0_arch
 from ript_ds.model.normalization import FeatureStats, NormStats
 from ript_ds.model.pi0 import PI0Policy
 from ript_ds.model.processing import Processor, PromptTokenizer, build_tiny_tokenizer
@@ -91,24 +91,18 @@ class SyntheticSetup:
     bc_lr: float = 3e-3
 
     def arch(self) -> PI0Arch:
-        heads = dict(num_heads=4, num_kv_heads=1, head_dim=16)
-        return PI0Arch(
-            vlm=GemmaArch(width=self.vlm_width, depth=self.depth, mlp_dim=2 * self.vlm_width, **heads),
-            expert=GemmaArch(
-                width=self.expert_width, depth=self.depth, mlp_dim=2 * self.expert_width, **heads
-            ),
-            vision=VisionArch(
-                width=self.vision_width,
-                depth=2,
-                mlp_dim=2 * self.vision_width,
-                num_heads=2,
-                patch_size=self.patch_size,
-                image_size=self.image_size,
-            ),
+        return reduced_pi0_arch(
+            vlm_width=self.vlm_width,
+            expert_width=self.expert_width,
+            depth=self.depth,
+            head_dim=16,
+            vision_width=self.vision_width,
+            patch_size=self.patch_size,
+            image_size=self.image_size,
             vocab_size=self.tokenizer_vocab,
             chunk_size=self.chunk_size,
-            max_state_dim=STATE_DIM,
-            max_action_dim=ACTION_DIM,
+            state_dim=STATE_DIM,
+            action_dim=ACTION_DIM,
             num_inference_steps=self.num_inference_steps,
         )
 

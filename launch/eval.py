@@ -51,6 +51,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         default=0,
         help="episodes start at this init state (held-out states: a run's env.num_eval_init_states last ones)",
     )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=7,
+        help="episode i resets with seed + i (default 7, the protocol's; another: new episodes of the same states)",
+    )
     p.add_argument("--num-envs", type=int, default=2, help="env worker processes per rank")
     p.add_argument("--guidance", default="1.0", help="CFG weight w, or 'none' for the plain model")
     p.add_argument("--tokenizer", help="PaliGemma tokenizer; default: a tiny one built from the prompts")

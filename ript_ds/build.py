@@ -34,6 +34,7 @@ from ript_ds.model.weights import (
     load_checkpoint,
     missing_convention_hint,
 )
+from ript_ds.rl.demos import DemoPool
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +169,30 @@ def check_model(cfg: ExperimentCfg) -> PI0Arch:
         )
     check_horizon(conv, arch, cfg.rollout.replan_every)
     checkpoint_norm_stats(cfg)
+    load_demo_pool(cfg, arch)
     path = resolve_tokenizer(cfg, arch)
     if path is not None:
         check_vocab(_load_tokenizer(path, cfg), arch)
     return arch
+
+
+def load_demo_pool(cfg: ExperimentCfg, arch: PI0Arch) -> DemoPool | None:
+    """ript.demos as a DemoPool checked against the run (tasks, image size, action and state dims), or
+    None without demos. Raises ConfigError (one line)."""
+    if cfg.ript.demos is None:
+        return None
+    try:
+        return DemoPool.load(
+            cfg.ript.demos,
+            arch.chunk_size,
+            cfg.ript.demo_weight,
+            cfg.env.task_ids,
+            arch.vision.image_size,
+            ACTION_DIM,
+            STATE_DIM,
+        )
+    except ValueError as err:
+        raise ConfigError(f"ript.demos: {err}; record demos with ript_ds.rl.demos.save_episodes") from None
 
 
 def check_horizon(conv: PolicyConvention | None, arch: PI0Arch, replan_every: int | None = None) -> None:

@@ -105,6 +105,11 @@ class RiptCfg:
     fpo_samples: int = 4  # (noise, time) samples per window for the FPO ratio
     skip_solved_after: int | None = None  # skip contexts whose last M rollouts all succeeded
     mixed_bonus: float = 0.0  # extra sampling weight for contexts with mixed history
+    # demonstrations kept in every update (rl/demos.py): a save_episodes .npz whose successful
+    # episodes' windows join the rollout windows with advantage +1, against self-imitation narrowing
+    demos: str | None = None
+    demo_windows: int | None = None  # demo windows per update, all ranks together; None = all of them
+    demo_weight: float = 1.0  # loss weight of a demo window (a rollout window weighs 1)
 
     @property
     def guided(self) -> bool:
@@ -188,6 +193,7 @@ _AT_LEAST: tuple[tuple[str, int], ...] = (
     ("rollout.replan_every", 1),
     ("rollout.pipeline_groups", 1),
     ("rollout.videos_per_iteration", 0),
+    ("ript.demo_windows", 1),
     ("ript.rollouts_per_context", 2),
     ("ript.groups_per_iteration", 1),
     ("ript.max_sampling_rounds", 1),
@@ -218,6 +224,7 @@ _POSITIVE = (
     "ript.awr_beta",
     "ript.awr_max_weight",
     "ript.fpo_clip",
+    "ript.demo_weight",
     "engine.adam_eps",
     "engine.lora.alpha",
 )
@@ -315,12 +322,17 @@ class ExperimentCfg:
         for key, path in (
             ("model.checkpoint", self.model.checkpoint),
             ("model.tokenizer_path", self.model.tokenizer_path),
+            ("ript.demos", self.ript.demos),
         ):
             if path is not None and not Path(path).exists():
                 raise ConfigError(f"{key}={path} does not exist")
         if self.ckpt.resume not in ("auto", "none") and not Path(self.ckpt.resume).is_dir():
             raise ConfigError(
                 f"ckpt.resume={self.ckpt.resume} is neither auto, none nor a checkpoint directory"
+            )
+        if self.ript.demos is None and self.ript.demo_windows is not None:
+            raise ConfigError(
+                "ript.demo_windows is set but ript.demos is not: name the demos file or drop it"
             )
         if self.engine.lora.enabled and not self.engine.lora.modules:
             raise ConfigError("engine.lora.modules is empty: LoRA would wrap nothing")

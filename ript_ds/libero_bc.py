@@ -257,39 +257,3 @@ def train_warm_start(
     save_canonical(policy, directory, norm)
     log.info("bc: %d demos (%d kept), loss %.4f -> %.4f", len(demos), len(kept), losses[0], losses[-1])
     return WarmStart(directory, len(demos), float(np.mean([ep.success for ep in demos])), losses)
-
-
-def save_demos(demos: Sequence[Episode], path: str | Path) -> None:
-    """Demos as one .npz (images are most of it: ~1 MB per demo at 64 px)."""
-    arrays = {}
-    for i, ep in enumerate(demos):
-        arrays |= {
-            f"{i}/images": ep.images,
-            f"{i}/states": ep.states,
-            f"{i}/actions": ep.actions,
-            f"{i}/replan_steps": ep.replan_steps,
-            f"{i}/meta": np.array([ep.context.task_id, ep.context.init_state_idx, ep.seed, ep.success]),
-        }
-    np.savez(path, **arrays)
-
-
-def load_demos(path: str | Path) -> list[Episode]:
-    with np.load(path) as data:
-        n = len({k.split("/")[0] for k in data.files})
-        out = []
-        for i in range(n):
-            task_id, state, seed, success = (int(v) for v in data[f"{i}/meta"])
-            actions = data[f"{i}/actions"]
-            out.append(
-                Episode(
-                    context=Context(task_id, state),
-                    seed=seed,
-                    images=data[f"{i}/images"],
-                    states=data[f"{i}/states"],
-                    actions=actions,
-                    replan_steps=data[f"{i}/replan_steps"],
-                    success=bool(success),
-                    length=len(actions),
-                )
-            )
-    return out

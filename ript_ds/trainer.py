@@ -27,10 +27,10 @@ import torch
 import yaml
 
 from ript_ds import progress
-from ript_ds.build import Components, build_components
+from ript_ds.build import Components, build_components, load_demo_pool
 from ript_ds.ckpt.manager import CheckpointManager, TrainState, check_config, rng_state, tag_for
 from ript_ds.ckpt.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
-from ript_ds.config import ExperimentCfg
+from ript_ds.config import ConfigError, ExperimentCfg
 from ript_ds.engine import dist
 from ript_ds.engine.schedule import iteration_progress
 from ript_ds.env.inline import InlinePool
@@ -111,6 +111,7 @@ class Trainer:
         torch.manual_seed(seed)
         self.engine = self._build_engine()
         self.comp: Components = build_components(cfg, policy=self.engine.module)
+        self.demos = load_demo_pool(cfg, self.engine.module.arch)  # ript.demos, kept in every update
         # The resolved value (the checkpoint's replan_steps when unset) is what config.yaml and the
         # checkpoints record and what a resume compares; unset, a resume keeps the run's own (_resume).
         self._replan_unset = cfg.rollout.replan_every is None
@@ -360,17 +361,21 @@ class Trainer:
         if result.kept:
             windows = groups_to_windows(result.kept, group_advantages(result.kept), chunk)
         own = windows[0].as_padding() if windows else _template_window(result.episodes, chunk)
+        seed = update_seed(self.cfg.train.seed, self.iteration)
+        # Demos anchor an update; they never make one: with no rollout window anywhere it is skipped.
+        rollout_windows = len(windows)
+        windows += self._demo_windows(seed)
         gathered = dist.all_gather_object(
-            (window_refs(windows, dist.rank()), own is not None), op="update plan"
+            (window_refs(windows, dist.rank()), own is not None, rollout_windows), op="update plan"
         )
-        shards = [refs for refs, _ in gathered]
-        if not any(shards):
+        shards = [refs for refs, _, _ in gathered]
+        if not any(n for _, _, n in gathered):
             return None
-        if not all(has for _, has in gathered):  # a rank with nothing observed pads with another's shapes
-            src = next(r for r, (_, has) in enumerate(gathered) if has)
+        if not all(has for _, has, _ in gathered):  # a rank with nothing observed pads with another's shapes
+            src = next(r for r, (_, has, _) in enumerate(gathered) if has)
             shared = dist.broadcast_object(own if dist.rank() == src else None, src=src)
             own = own or shared
-        seed = update_seed(self.cfg.train.seed, self.iteration)
+        self._check_demo_cameras(own)
         plan = plan_update(shards, dist.rank(), self.cfg.train, seed, self.cfg.ript.loss)
         self.engine.set_progress(iteration_progress(self.iteration, self.cfg.train.iterations))
         self.engine.train()
@@ -393,16 +398,33 @@ class Trainer:
         stats.sums = dist.all_reduce_sum(stats.sums)  # this rank's shares -> the global totals
         return stats
 
+    def _demo_windows(self, seed: int) -> list[Window]:
+        """This rank's share of the update's demo windows (ript.demos; none without), drawn by the update
+        seed: the same global set on any rank layout and after a resume."""
+        if self.demos is None:
+            return []
+        return self.demos.draw(self.cfg.ript.demo_windows, seed, dist.rank(), dist.world_size())
+
+    def _check_demo_cameras(self, template: Window) -> None:
+        """Demos were checked before start-up against what the config says; the camera count only shows
+        in the rollouts. Every rank holds the same template and pool here, so all raise or none does."""
+        if self.demos is not None and self.demos.windows[0].images.shape != template.images.shape:
+            raise ConfigError(
+                f"ript.demos: demo images are {self.demos.windows[0].images.shape} (cameras, H, W, 3) but "
+                f"this run's rollouts observe {template.images.shape}; record the demos with the run's cameras"
+            )
+
     def evaluate(self) -> dict[str, float]:
-        """One episode per held-out context through the package's evaluator (eval/runner.py), sharded
+        """One episode per held-out context through the package's evaluator (eval/runner.py), with
+        launch/eval.py's reset seeds (7 + init state: the same episodes as its --first-init-state), sharded
         over ranks; eval/success_rate and its Wilson interval, results under <run>/eval/heldout/<tag>
         (collective). Not <run>/eval/<tag>: that is launch/eval.py's default for the checkpoint of that tag
-        (the LIBERO protocol), a different evaluation that must not overwrite this one or be overwritten."""
+        (the full protocol, from init state 0), a different evaluation that must not overwrite this one."""
         contexts = self.sampler.eval_contexts
         if not contexts:
             return {}
         guidance = self.cfg.rollout.guidance if self.cfg.ript.guided else None
-        requests = eval_runner.context_requests(contexts, self.comp.tasks)
+        requests = eval_runner.context_requests(contexts, self.comp.tasks, protocol=True)
         # Every rank enters the rollout (its context gathers the parameters under ZeRO-3), with or
         # without held-out contexts of its own.
         result = eval_runner.run_episodes(
@@ -432,10 +454,12 @@ class Trainer:
                 "train/loss_uncond": stats.loss_uncond,
                 "train/grad_norm": stats.grad_norm,
                 **{f"train/{k}": v for k, v in stats.extra.items()},
-                "train/windows": stats.windows,
+                "train/windows": stats.windows,  # rollout and demo windows
                 "train/optimizer_steps": stats.optimizer_steps,
                 "train/lr": self.engine.lr,
             }
+            if self.demos is not None:
+                m["train/demo_windows"] = float(self.demos.size(self.cfg.ript.demo_windows))
         return m
 
     def close(self) -> None:

@@ -7,7 +7,8 @@ CELL names restrict the run to those cells; key=value overrides go on top of eve
 (both for debugging one cell by hand; the test passes neither).
 
 A cell is (ZeRO config, config overrides): ZeRO {0, 2, 3} x objective {cfg, awr, fpo}, LoRA on ZeRO-2/3,
-gradient accumulation, the cosine schedule, and PI0.5 with cfg (ZeRO-2) and fpo (ZeRO-3). Every cell runs ITERATIONS trainer iterations of the
+gradient accumulation, the cosine schedule, demos in the update (ript.demos), and PI0.5 with cfg (ZeRO-2)
+and fpo (ZeRO-3). Every cell runs ITERATIONS trainer iterations of the
 debug config at matrix sizes, in-process synthetic envs, with its own run directory; process start-up
 and DeepSpeed's import are paid once per launch, not per cell. The global batch is the same in both
 launches: 1 rank trains micro-batches of 2 x MICRO windows, 2 ranks MICRO each.
@@ -90,7 +91,13 @@ def cells() -> list[Cell]:
         Cell("z2_lora", "zero2.json", ("engine.lora.enabled=true", "engine.lora.rank=4")),
         Cell("z3_lora", "zero3.json", ("engine.lora.enabled=true", "engine.lora.rank=4")),
         Cell("z2_accum2", "zero2.json", ("train.grad_accum_steps=2",)),
-        Cell("z2_cosine", "zero2.json", ("engine.lr_schedule=cosine",)),
+        # with demos in the update (ript.demos, a subset drawn per update; the file is written by run_cell):
+        # one cell for both, as a separate one would add ~1 min to each launch
+        Cell(
+            "z2_cosine_demos",
+            "zero2.json",
+            ("engine.lr_schedule=cosine", "ript.demo_windows=5", "ript.demo_weight=0.5"),
+        ),
     ]
     out += [
         Cell(f"z{stage}_{loss}", f"zero{stage}.json", (f"ript.loss={loss}",))
@@ -117,6 +124,21 @@ def _transport_failure(err: BaseException) -> bool:
     return "dist" in type(err).__name__.lower() or "gloo" in text or "timed out" in text
 
 
+def write_demos(path: Path) -> Path:
+    """Scripted-expert demos of the debug tasks at the matrix's sizes (every rank writes the same file)."""
+    from ript_ds.env.synthetic import synthetic_tasks
+    from ript_ds.rl.demos import save_episodes
+    from ript_ds.synthetic.bc import collect_demos
+
+    cfg = load_config(DEBUG, COMMON)
+    tasks = synthetic_tasks(3, cfg.env.synthetic_init_states, cfg.env.max_steps)
+    # An observation every 4 steps: ~4 windows per demo, so the 5 of an update are a subset of the pool.
+    kwargs = {"image_size": cfg.model.image_size, "difficulty": 0.0}
+    demos = collect_demos(tasks, 0.0, 1, seed=4, replan_every=4, env_kwargs=kwargs)
+    save_episodes(demos, path)
+    return path
+
+
 def run_cell(cell: Cell, out: Path, extra: list[str]) -> dict:
     """Build, iterate and close one cell's Trainer (call on every rank); errors are recorded, not raised."""
     world = dist.world_size()
@@ -128,6 +150,8 @@ def run_cell(cell: Cell, out: Path, extra: list[str]) -> dict:
         *cell.overrides,
         *extra,
     ]
+    if any(o.startswith("ript.demo") for o in cell.overrides):
+        overrides.append(f"ript.demos={write_demos(out / f'demos_world{world}_rank{dist.rank()}.npz')}")
     record: dict = {"status": "error", "iterations": [], "keys": [], "error": None, "transport": False}
     start = time.perf_counter()
     trainer = None

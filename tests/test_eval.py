@@ -137,6 +137,16 @@ def test_eval_first_init_state_runs_the_same_episodes_of_later_states(
     assert got == [tuple(e[k] for k in keys) for e in full if e["init_state_idx"] >= 1]
     assert results["protocol"]["first_init_state"] == 1
     assert eval_cli.main([*argv, "--first-init-state", "-1"]) == 2
+    # --seed: other episodes of the same states (more episodes per held-out state), recorded as such
+    assert (
+        eval_cli.main([*argv, "--first-init-state", "1", "--seed", "100", "--out", str(tmp_path / "s")]) == 0
+    )
+    reseeded = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert [(e["init_state_idx"], e["seed"]) for e in reseeded["episode_records"]] == [
+        (i, 100 + i) for _ in range(2) for i in (1, 2)
+    ]
+    assert reseeded["protocol"]["seed"] == 100 and "100 + i" in reseeded["protocol"]["description"]
+    assert eval_cli.main([*argv, "--seed", "-1"]) == 2
 
 
 def test_eval_first_init_state_past_the_tasks_states_is_refused() -> None:
@@ -221,3 +231,18 @@ def test_eval_real_libero_one_episode(tmp_path: Path) -> None:
     (episode,) = results["episode_records"]
     assert episode["failure_reason"] is None and episode["length"] <= 10
     assert results["suites"]["libero_spatial"]["episodes"] == 1
+
+
+def test_trainer_heldout_requests_are_the_protocols_episodes_of_those_states():
+    """The trainer's periodic held-out eval (context_requests with protocol=True) runs exactly the episodes
+    launch/eval.py --first-init-state runs: same init states, same reset seeds, for every task."""
+    from ript_ds.env.synthetic import synthetic_tasks
+    from ript_ds.eval.runner import context_requests, protocol_requests
+    from ript_ds.rl.types import Context
+
+    tasks = synthetic_tasks(2, 50)
+    contexts = [Context(t.task_id, i) for t in tasks for i in range(45, 50)]
+    trainer = context_requests(contexts, tasks, protocol=True)
+    protocol = protocol_requests(tasks, 5, first=45)
+    assert [(r.context, r.seed) for r in trainer] == [(r.context, r.seed) for r in protocol]
+    assert [r.seed for r in context_requests(contexts, tasks)] == list(range(7, 17))  # by position

@@ -1,12 +1,13 @@
 """The LIBERO warm start's bookkeeping (ript_ds/libero_bc.py), without a simulator: demos come only
-from the training init states, are stored losslessly, and give floored normalization statistics."""
+from the training init states and give floored normalization statistics (their storage:
+tests/test_demos.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from ript_ds.env.base import TaskSpec
-from ript_ds.libero_bc import MIN_STD, LiberoSetup, demo_jobs, demo_norm_stats, load_demos, save_demos
+from ript_ds.libero_bc import MIN_STD, LiberoSetup, demo_jobs, demo_norm_stats
 from ript_ds.rl.types import Context, Episode
 
 TASK = TaskSpec("libero_goal", 8, "t", "put the bowl on the plate", 150, 50)
@@ -36,19 +37,6 @@ def _episode(rng: np.random.Generator, state: int, length: int, success: bool) -
         success=success,
         length=length,
     )
-
-
-def test_demos_round_trip_exactly(tmp_path):
-    rng = np.random.default_rng(0)
-    demos = [_episode(rng, 3, 7, True), _episode(rng, 11, 5, False)]
-    save_demos(demos, tmp_path / "demos.npz")
-    loaded = load_demos(tmp_path / "demos.npz")
-    assert len(loaded) == 2
-    for a, b in zip(demos, loaded, strict=True):
-        assert (a.context, a.seed, a.success, a.length) == (b.context, b.seed, b.success, b.length)
-        for field in ("images", "states", "actions", "replan_steps"):
-            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
-            assert getattr(a, field).dtype == getattr(b, field).dtype
 
 
 def test_norm_stats_floor_a_constant_dimension():

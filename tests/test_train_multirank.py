@@ -60,6 +60,8 @@ def test_two_rank_training_writes_metrics(tmp_path, launcher):
     assert {(r["task_id"], r["init_state_idx"]) for r in heldout["episode_records"]} == {
         (t, i) for t in range(3) for i in range(47, 50)
     }
+    # launch/eval.py's episodes of those states: reset seed 7 + init state (not 7 + position)
+    assert all(r["seed"] == 7 + r["init_state_idx"] for r in heldout["episode_records"])
     _export_serves(run)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert rows[1]["rollout/episodes"] > 0 and "sampler/groups_sampled" in rows[1]

@@ -1,8 +1,8 @@
 """The trainer across its configuration matrix, on 1 and 2 real ranks (tests/matrix_worker.py).
 
-ZeRO {0, 2, 3} x objective {cfg, awr, fpo}, LoRA on ZeRO-2 and ZeRO-3, gradient accumulation and the
-cosine schedule: every cell completes on every rank, reports the same metric names on every rank,
-and 1 rank with micro-batches of 2m windows matches 2 ranks with m (the same global batch): sampling
+ZeRO {0, 2, 3} x objective {cfg, awr, fpo}, LoRA on ZeRO-2 and ZeRO-3, gradient accumulation, the
+cosine schedule with demos in the update: every cell completes on every rank, reports the same metric
+names on every rank, and 1 rank with micro-batches of 2m windows matches 2 ranks with m (the same global batch): sampling
 statistics exactly, train/loss and train/grad_norm to fp32 round-off. Both launches run at once (3
 processes on 2 cores); each builds its cells one after another, so start-up is paid once per launch.
 The per-cell wall times are in every failure message and in <tmp>/matrix_summary.json.
@@ -202,13 +202,21 @@ def test_one_rank_matches_two_ranks_at_the_same_global_batch(matrix):
 def test_cosine_schedule_decays_and_accumulation_counts_optimizer_steps(matrix):
     problems = []
     for world in (1, 2):
-        cosine, accum = _record(matrix, world, 0, "z2_cosine"), _record(matrix, world, 0, "z2_accum2")
+        cosine, accum = _record(matrix, world, 0, "z2_cosine_demos"), _record(matrix, world, 0, "z2_accum2")
         if cosine is None or cosine["status"] != "ok":
-            problems.append(f"z2_cosine [{world} ranks]: did not complete")
+            problems.append(f"z2_cosine_demos [{world} ranks]: did not complete")
         else:
             lrs = [it.get("train/lr") for it in cosine["iterations"]]  # None: that iteration skipped
             if None in lrs or not lrs[1] < lrs[0]:
-                problems.append(f"z2_cosine [{world} ranks]: train/lr per iteration {lrs} does not decrease")
+                problems.append(
+                    f"z2_cosine_demos [{world} ranks]: train/lr per iteration {lrs} does not decrease"
+                )
+            # ript.demo_windows=5 of a larger pool in every update (the 1-vs-2-rank test compares the rest)
+            demos = [it.get("train/demo_windows") for it in cosine["iterations"]]
+            if demos != [5.0] * len(demos):
+                problems.append(
+                    f"z2_cosine_demos [{world} ranks]: train/demo_windows {demos}, expected 5 each"
+                )
         if accum is None or accum["status"] != "ok":
             problems.append(f"z2_accum2 [{world} ranks]: did not complete")
             continue

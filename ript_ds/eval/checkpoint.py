@@ -50,6 +50,9 @@ class EvalOptions:
     tasks: str = "all"  # comma-separated task ids or "all"
     episodes_per_task: int = 50
     first_init_state: int = 0  # episodes i = first .. first + episodes_per_task - 1 (held-out states)
+    seed: int = (
+        7  # episode i resets with seed + i: the protocol's 7; another gives new episodes of the same states
+    )
     num_envs: int = 2
     guidance: float | None = 1.0  # CFG weight w; None: the plain (unconditioned) model
     tokenizer: str | None = None
@@ -125,6 +128,7 @@ def check_options(opts: EvalOptions) -> None:
     checks = [
         (opts.episodes_per_task < 1, "--episodes-per-task must be >= 1"),
         (opts.first_init_state < 0, "--first-init-state must be >= 0"),
+        (opts.seed < 0, "--seed must be >= 0"),
         (opts.image_size < 8, "--image-size must be >= 8"),
         (opts.num_envs < 1, "--num-envs must be >= 1"),
         (opts.videos < 0, "--videos must be >= 0"),
@@ -275,7 +279,7 @@ def _evaluate(opts: EvalOptions, suite: str, task_ids: list[int], scratch: Path)
     check_init_states(comp.tasks, opts.episodes_per_task, opts.first_init_state)
     policy = comp.policy.to(device).eval()
     dtype = resolve_dtype(opts.dtype, tag_dir)
-    requests = runner.protocol_requests(comp.tasks, opts.episodes_per_task, first=opts.first_init_state)
+    requests = runner.protocol_requests(comp.tasks, opts.episodes_per_task, opts.seed, opts.first_init_state)
     setting = f"{dist.world_size()} ranks x {opts.num_envs} envs, guidance {opts.guidance}, {dtype}"
     # the device comes last: tools/gpu_smoke.py reads it from this line
     log.info("eval %s tasks %s: %d episodes, %s, %s", suite, task_ids, len(requests), setting, device)
@@ -309,15 +313,14 @@ def check_init_states(tasks, episodes_per_task: int, first: int = 0) -> None:
 
 def _protocol(opts: EvalOptions, suite: str, task_ids: list[int], tasks) -> dict[str, Any]:
     from ript_ds.engine import dist
-    from ript_ds.eval import runner
 
     return {
-        "description": PROTOCOL.format(seed=runner.EVAL_SEED),
+        "description": PROTOCOL.format(seed=opts.seed),
         "suite": suite,
         "task_ids": task_ids,
         "episodes_per_task": opts.episodes_per_task,
         "first_init_state": opts.first_init_state,
-        "seed": runner.EVAL_SEED,
+        "seed": opts.seed,
         "max_steps": {t.task_id: t.max_steps for t in tasks},
         "camera_size": opts.camera_size if suite != "synthetic" else None,
         "ranks": dist.world_size(),
@@ -358,7 +361,7 @@ def _evaluate_server(opts: EvalOptions, suite: str, task_ids: list[int], scratch
 
         result = runner.run_episodes(
             roll_out,
-            runner.protocol_requests(tasks, opts.episodes_per_task, first=opts.first_init_state),
+            runner.protocol_requests(tasks, opts.episodes_per_task, opts.seed, opts.first_init_state),
             suite,
             tasks,
         )

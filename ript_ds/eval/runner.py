@@ -8,7 +8,8 @@ own: under ZeRO-3 entering the rollout gathers the parameters, a collective.
 
 Two request lists exist: `protocol_requests` (the standard LIBERO protocol of DESIGN section 5: per
 task, episode i starts from fixed init state i and resets with seed EVAL_SEED + i) and
-`context_requests` (the trainer's held-out contexts, one episode each, seed EVAL_SEED + position).
+`context_requests` (one episode per context, seed EVAL_SEED + position, or + init state for the
+trainer's held-out eval: then launch/eval.py's episodes of those states).
 """
 
 from __future__ import annotations
@@ -50,11 +51,16 @@ def protocol_requests(
 
 
 def context_requests(
-    contexts: Sequence[Context], tasks: Sequence[TaskSpec], seed: int = EVAL_SEED
+    contexts: Sequence[Context], tasks: Sequence[TaskSpec], seed: int = EVAL_SEED, protocol: bool = False
 ) -> list[RolloutRequest]:
-    """One episode per context (the trainer's held-out ones), reset seed `seed` + its position."""
+    """One episode per context, reset seed `seed` + its position, or with `protocol` `seed` + its init
+    state: the trainer's held-out eval then runs exactly the episodes launch/eval.py runs for those states
+    (protocol_requests with first = the first held-out state), so the two report the same number."""
     by_id = {t.task_id: t for t in tasks}
-    return [RolloutRequest(c, by_id[c.task_id], seed + i) for i, c in enumerate(contexts)]
+    return [
+        RolloutRequest(c, by_id[c.task_id], seed + (c.init_state_idx if protocol else i))
+        for i, c in enumerate(contexts)
+    ]
 
 
 @dataclass

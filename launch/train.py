@@ -55,13 +55,14 @@ def preflight(cfg: ExperimentCfg, ds_config: str | None) -> ExperimentCfg:
         load_ds_json,
         with_deepspeed_json,
     )
+    from ript_ds.rl.demos import load_demo_pool
 
     cfg = with_deepspeed_json(cfg, ds_config)  # --deepspeed wins over engine.deepspeed_config
     path, ds = load_ds_json(cfg.engine.deepspeed_config)
     bf16 = cfg.model.dtype == "bfloat16"
     check_ds_json(path, ds, cfg.train, bf16, cuda_available=torch.cuda.is_available())
     check_lora_frozen_bf16(path, ds, cfg.engine.lora, bf16)
-    check_model(cfg)
+    load_demo_pool(cfg, check_model(cfg))
     return cfg
 
 

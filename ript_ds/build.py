@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ript_ds.config import ConfigError, ExperimentCfg
-from ript_ds.env.base import ACTION_DIM, TaskSpec
+from ript_ds.env.base import ACTION_DIM, STATE_DIM, TaskSpec
 from ript_ds.env.pool import EnvFactory
 from ript_ds.model.arch import PI0Arch
 from ript_ds.model.convention import ConventionError, PolicyConvention, load_convention
@@ -34,11 +34,9 @@ from ript_ds.model.weights import (
     load_checkpoint,
     missing_convention_hint,
 )
-from ript_ds.rl.demos import DemoPool
 
 log = logging.getLogger(__name__)
 
-STATE_DIM = 8  # LIBERO's and the synthetic env's proprioceptive state
 DEFAULT_REPLAN_STEPS = 5  # openpi examples/libero/main.py replan_steps
 # A token embedding this small is one of the built-in tiny models (PI0Arch.tiny, the synthetic set-up):
 # no real tokenizer fits it, so the tiny tokenizer cannot stand in for a real one by accident.
@@ -169,30 +167,10 @@ def check_model(cfg: ExperimentCfg) -> PI0Arch:
         )
     check_horizon(conv, arch, cfg.rollout.replan_every)
     checkpoint_norm_stats(cfg)
-    load_demo_pool(cfg, arch)
     path = resolve_tokenizer(cfg, arch)
     if path is not None:
         check_vocab(_load_tokenizer(path, cfg), arch)
     return arch
-
-
-def load_demo_pool(cfg: ExperimentCfg, arch: PI0Arch) -> DemoPool | None:
-    """ript.demos as a DemoPool checked against the run (tasks, image size, action and state dims), or
-    None without demos. Raises ConfigError (one line)."""
-    if cfg.ript.demos is None:
-        return None
-    try:
-        return DemoPool.load(
-            cfg.ript.demos,
-            arch.chunk_size,
-            cfg.ript.demo_weight,
-            cfg.env.task_ids,
-            arch.vision.image_size,
-            ACTION_DIM,
-            STATE_DIM,
-        )
-    except ValueError as err:
-        raise ConfigError(f"ript.demos: {err}; record demos with ript_ds.rl.demos.save_episodes") from None
 
 
 def check_horizon(conv: PolicyConvention | None, arch: PI0Arch, replan_every: int | None = None) -> None:

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from ript_ds import progress
-from ript_ds.build import Components, build_components, load_demo_pool
+from ript_ds.build import Components, build_components
 from ript_ds.ckpt.manager import CheckpointManager, TrainState, check_config, rng_state, tag_for
 from ript_ds.ckpt.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
 from ript_ds.config import ConfigError, ExperimentCfg
@@ -41,6 +41,7 @@ from ript_ds.metrics import MetricsWriter
 from ript_ds.model.convention import PolicyConvention
 from ript_ds.model.weights import CANONICAL_ARCH
 from ript_ds.rl.advantage import group_advantages
+from ript_ds.rl.demos import load_demo_pool
 from ript_ds.rl.rollout import RolloutRequest, collect, make_pi0_policy_fn
 from ript_ds.rl.sampler import SamplingPhase, SmartSampler
 from ript_ds.rl.types import Context, Episode, Group, Window

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 ACTION_DIM = 7  # LIBERO's: delta eef position (3) + delta eef rotation (3) + gripper (-1 open, +1 close)
+STATE_DIM = 8  # proprioceptive state of LIBERO (eef position, axis-angle, gripper qpos) and the synthetic env
 ACTION_LOW, ACTION_HIGH = -1.0, 1.0  # the action space per dim (robosuite's OSC and gripper input range)
 SIMULATOR_SEEDS = 2**32  # numpy's legacy seeding (LIBERO's env.seed) takes 0 <= seed < 2**32
 

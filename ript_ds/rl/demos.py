@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ript_ds.config import ConfigError, ExperimentCfg
+from ript_ds.env.base import ACTION_DIM, STATE_DIM
+from ript_ds.model.arch import PI0Arch
 from ript_ds.rl.types import Context, Episode, Window
 from ript_ds.rl.windows import episode_windows
 
@@ -136,3 +139,22 @@ class DemoPool:
         replacement by `seed`: ranks take every world_size-th window of one global draw."""
         order = np.random.default_rng([seed, _DEMO_TAG]).permutation(len(self.windows))[: self.size(n)]
         return [self.windows[i] for i in sorted(order[rank::world_size].tolist())]
+
+
+def load_demo_pool(cfg: ExperimentCfg, arch: PI0Arch) -> DemoPool | None:
+    """ript.demos as a DemoPool checked against the run (tasks, image size, action and state dims), or
+    None without demos. Raises ConfigError (one line)."""
+    if cfg.ript.demos is None:
+        return None
+    try:
+        return DemoPool.load(
+            cfg.ript.demos,
+            arch.chunk_size,
+            cfg.ript.demo_weight,
+            cfg.env.task_ids,
+            arch.vision.image_size,
+            ACTION_DIM,
+            STATE_DIM,
+        )
+    except ValueError as err:
+        raise ConfigError(f"ript.demos: {err}; record demos with ript_ds.rl.demos.save_episodes") from None

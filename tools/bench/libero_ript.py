@@ -29,7 +29,7 @@ from pathlib import Path
 
 from report import BENCHMARKS, write_section
 
-from ript_ds.build import build_components, load_demo_pool
+from ript_ds.build import build_components
 from ript_ds.config import load_config
 from ript_ds.eval.stats import wilson_interval
 from ript_ds.libero_bc import (
@@ -39,7 +39,7 @@ from ript_ds.libero_bc import (
     train_warm_start,
 )
 from ript_ds.model.weights import save_canonical
-from ript_ds.rl.demos import load_episodes, save_episodes
+from ript_ds.rl.demos import load_demo_pool, load_episodes, save_episodes
 from ript_ds.rl.update import TorchBackend, run_update, update_seed
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -209,10 +209,18 @@ class Trainer:
         return dist.all_reduce_sum({"stop": float(self.preemption.requested)})["stop"] > 0
 
     def _preempt(self, state: TrainState, rng: dict, metrics: dict[str, float]) -> None:
-        self.ckpt.save(self.engine, state, metrics, rng)
-        log.warning(
-            "preempted: saved iteration %d; exiting with code %d", state.iteration, PREEMPTED_EXIT_CODE
-        )
+        """Save `state` and exit with the requeue code. A state this process just saved or resumed from is
+        not written again: a full model's checkpoint can outlast the signal's grace time, and the saved
+        marker keeps the iteration's metrics (its eval score decides which checkpoint retention keeps)."""
+        code = PREEMPTED_EXIT_CODE
+        if self.ckpt.holds(state.iteration):
+            self.ckpt.point_latest_at(state.iteration)
+            log.warning(
+                "preempted: iteration %d is saved already; exiting with code %d", state.iteration, code
+            )
+        else:
+            self.ckpt.save(self.engine, state, metrics, rng)
+            log.warning("preempted: saved iteration %d; exiting with code %d", state.iteration, code)
         raise SystemExit(PREEMPTED_EXIT_CODE)
 
     def _build_engine(self):

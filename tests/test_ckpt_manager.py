@@ -112,3 +112,30 @@ def test_a_checkpoint_without_a_recorded_stage_resumes_under_the_launcher():
             saved | {"engine": {**saved["engine"], "zero_stage": 3}},
             allow=False,
         )
+
+
+class _FilesEngine:
+    """engine.save's part of a checkpoint: one file per rank whose size depends on the state."""
+
+    def save(self, root: Path, tag: str, client_state: dict) -> None:
+        (root / tag).mkdir(parents=True, exist_ok=True)
+        (root / tag / "model.pt").write_text("w" * (100 + client_state["ript_state"]["iteration"]))
+
+
+def test_saving_a_tag_again_leaves_it_complete_and_held(tmp_path):
+    """A second save of one state (a preemption right after its periodic save, or a run started again
+    over an earlier run's tags) must leave a complete checkpoint: once, the second marker listed the
+    first among its files and the tag read as corrupt, so the resume silently went back one save."""
+    mgr = CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1, barrier=lambda name: None)
+    state = manager.TrainState(iteration=3, episode_cursor=0, sampler={}, config={})
+    for metrics in ({"eval/success_rate": 0.5}, {}):
+        path = mgr.save(_FilesEngine(), state, metrics, rng={})
+        assert mgr.is_complete(path) and mgr.resolve("auto") == path
+    assert COMPLETE not in json.loads((path / COMPLETE).read_text())["files"]
+    assert mgr.holds(3) and not mgr.holds(2)
+    # a marker of the earlier version, listing its predecessor's size, still reads as complete
+    marker = json.loads((path / COMPLETE).read_text())
+    (path / COMPLETE).write_text(json.dumps(marker | {"files": marker["files"] | {COMPLETE: 1}}))
+    assert mgr.is_complete(path)
+    (path / "model.pt").write_text("cut")
+    assert not mgr.is_complete(path)

@@ -1,6 +1,6 @@
 """Demonstrations kept in every update (ript.demos, rl/demos.py): storage, the pool, its per-update draw
 over ranks, the update's weighting of demo windows, and bad demo files through launch/train.py.
-The 1-rank vs 2-rank trainer with demos is the z3_demos cell of tests/test_trainer_matrix.py."""
+The 1-rank vs 2-rank trainer with demos is the z2_cosine_demos cell of tests/test_trainer_matrix.py."""
 
 from __future__ import annotations
 

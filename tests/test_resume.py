@@ -85,10 +85,14 @@ def test_kill_9_and_resume_is_exact(tmp_path):
     assert metrics(run) == reference
 
 
-def test_sigusr1_saves_and_exits_with_requeue_code(tmp_path):
+@pytest.mark.parametrize("every", [0, 1])
+def test_sigusr1_saves_and_exits_with_requeue_code(tmp_path, every):
+    """ckpt.every=1: the signal lands after (or during the sampling right after) a periodic save of the
+    state it would save; that checkpoint must stay complete (once, a second save of the same tag listed
+    the first's marker among its files, so it read as corrupt and the requeued job went back one save)."""
     run = tmp_path / "debug"
     proc = subprocess.Popen(
-        args(tmp_path, "train.iterations=50", "ckpt.every=0"),
+        args(tmp_path, "train.iterations=50", f"ckpt.every={every}"),
         env=env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -106,20 +110,24 @@ def test_sigusr1_saves_and_exits_with_requeue_code(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == PREEMPTED_EXIT_CODE, err[-2000:]
-    assert "preempted: saved iteration" in err
+    assert "preempted: " in err and f"exiting with code {PREEMPTED_EXIT_CODE}" in err
     latest = (run / "checkpoints" / LATEST).read_text().strip()
-    assert (run / "checkpoints" / latest / COMPLETE).exists()
+    manager = CheckpointManager(run, keep_last=2, rank=0, world_size=1, barrier=lambda _: None)
+    assert manager.is_complete(run / "checkpoints" / latest), (
+        run / "checkpoints" / latest / COMPLETE
+    ).read_text()
     saved_iteration = json.loads((run / "checkpoints" / latest / COMPLETE).read_text())["iteration"]
     assert saved_iteration >= 1
-    # The requeued job continues from there.
+    # The requeued job continues from there, not from an earlier save.
     cont = subprocess.run(
-        args(tmp_path, f"train.iterations={saved_iteration + 1}", "ckpt.every=0"),
+        args(tmp_path, f"train.iterations={saved_iteration + 1}", f"ckpt.every={every}"),
         env=env(),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert cont.returncode == 0, cont.stderr[-2000:]
+    assert f"resumed from {run / 'checkpoints' / latest} at iteration {saved_iteration}" in cont.stderr
     assert [r["iteration"] for r in metrics(run)][-1] == saved_iteration + 1
 
 

@@ -162,21 +162,26 @@ class CheckpointManager:
     def __init__(self, run_dir: Path, keep_last: int, rank: int, world_size: int, barrier):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last, self.rank, self.world_size, self.barrier = keep_last, rank, world_size, barrier
+        # The checkpoint this process last wrote or resumed from: the state it holds is still the
+        # process's own until the next update (the same on every rank, so a decision on it is collective).
+        self.held: Path | None = None
 
     # ------------------------------------------------------------------ saving
     def save(self, engine, state: TrainState, metrics: dict[str, float], rng: dict | None = None) -> Path:
         """Engine state + client state + per-rank RNG (`rng`, default: now), then COMPLETE and `latest`.
         Call on every rank."""
         tag = tag_for(state.iteration)
-        engine.save(self.root, tag, state.to_client_state())  # contains a barrier
         directory = self.root / tag
+        if self.rank == 0:  # a tag written again (over an earlier run's) is partial until its new marker
+            (directory / COMPLETE).unlink(missing_ok=True)
+        engine.save(self.root, tag, state.to_client_state())  # contains a barrier
         (directory / f"rng_rank{self.rank}.json").write_text(json.dumps(rng or rng_state()))
         self.barrier("checkpoint-written")
         if self.rank == 0:
             files = {
                 str(p.relative_to(directory)): p.stat().st_size
                 for p in sorted(directory.rglob("*"))
-                if p.is_file()
+                if p.is_file() and p.name != COMPLETE
             }
             marker = {
                 "iteration": state.iteration,
@@ -188,8 +193,19 @@ class CheckpointManager:
             _atomic_write(self.root / LATEST, tag)
             self._retain()
         self.barrier("checkpoint-complete")
+        self.held = directory
         log.info("saved checkpoint %s", directory)
         return directory
+
+    def holds(self, iteration: int) -> bool:
+        """This process wrote or resumed from this run's checkpoint of `iteration` (so saving that state
+        again would only rewrite it: a preemption right after a periodic save)."""
+        return self.held == self.root / tag_for(iteration)
+
+    def point_latest_at(self, iteration: int) -> None:
+        """`latest` names `iteration`'s checkpoint (rank 0 writes): after a resume from an older one."""
+        if self.rank == 0:
+            _atomic_write(self.root / LATEST, tag_for(iteration))
 
     def _retain(self) -> None:
         complete = self.complete_tags()
@@ -219,8 +235,12 @@ class CheckpointManager:
             files = json.loads(marker.read_text())["files"]
         except (json.JSONDecodeError, KeyError):
             return False
+        # Markers before 2026-12-03 may list a previous marker of the same tag (a second save of one
+        # state): the marker cannot vouch for its own size, so that entry is not checked.
         return all(
-            (directory / f).exists() and (directory / f).stat().st_size == size for f, size in files.items()
+            (directory / f).exists() and (directory / f).stat().st_size == size
+            for f, size in files.items()
+            if f != COMPLETE
         )
 
     def resolve(self, resume: str) -> Path | None:
@@ -273,6 +293,7 @@ class CheckpointManager:
             set_rng_state(json.loads(rng_file.read_text()))
         else:
             log.warning("%s has no RNG state for rank %d (world size changed?)", path, self.rank)
+        self.held = path
         return TrainState.from_client_state(client)
 
 

@@ -12,7 +12,7 @@
 6. launch/eval.py again on the last checkpoint (and the control's); a table, the curve (PNG) and the
    commands go to docs/benchmarks.md. Every stage reuses its result in --out when it exists.
 
-    python tools/bench/libero_ript.py --iterations 12 --demo-windows 320
+    python tools/bench/libero_ript.py --iterations 12 --demo-windows 320 --seeds 7,107,207,307
 """
 
 from __future__ import annotations
@@ -291,7 +291,7 @@ def main() -> None:
     )
     p.add_argument(
         "--seeds",
-        default="7,107",
+        default="7,107,207,307",
         help="launch/eval.py --seed bases for the held-out evaluations (7: the trainer's episodes); pooled",
     )
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "libero_ript")

@@ -18,6 +18,7 @@ and after a resume.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -146,15 +147,19 @@ def load_demo_pool(cfg: ExperimentCfg, arch: PI0Arch) -> DemoPool | None:
     None without demos. Raises ConfigError (one line)."""
     if cfg.ript.demos is None:
         return None
+    path = Path(cfg.ript.demos)
     try:
-        return DemoPool.load(
-            cfg.ript.demos,
-            arch.chunk_size,
-            cfg.ript.demo_weight,
-            cfg.env.task_ids,
-            arch.vision.image_size,
-            ACTION_DIM,
-            STATE_DIM,
-        )
-    except ValueError as err:
+        stat = path.stat()
+        return _load_pool(
+            path, stat.st_mtime_ns, stat.st_size, arch.chunk_size, cfg.ript.demo_weight,
+            tuple(cfg.env.task_ids), arch.vision.image_size,
+        )  # fmt: skip
+    except (OSError, ValueError) as err:
         raise ConfigError(f"ript.demos: {err}; record demos with ript_ds.rl.demos.save_episodes") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _load_pool(path, mtime_ns, size, chunk_size, weight, task_ids, image_size) -> DemoPool:
+    """One read per process of an unchanged file: launch/train.py checks the demos before any rank
+    starts and the trainer then uses the same pool (an .npz of ~100 MB for the LIBERO bench)."""
+    return DemoPool.load(path, chunk_size, weight, task_ids, image_size, ACTION_DIM, STATE_DIM)
